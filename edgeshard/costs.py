@@ -1,0 +1,184 @@
+"""The cost model: one evaluator judges every plan (the DP's and every baseline's). Stdlib only.
+
+Units 0..N-1. A plan is stages (device d_p, [a_p, b_p)), contiguous, covering [0, N), the first on the source,
+each device at most once, excluded devices unused, required devices used, at most max_stages.
+- memory of a stage: sum of weight_bytes + kv_bytes_per_token * context_tokens * sequences over its units,
+  at most memory_bytes * (1 - memory_headroom).
+- hop after stage p carrying T tokens: T * activation_bytes_per_token[b_p - 1] / bandwidth_bytes_s + latency_s
+  on the link d_p -> d_{p+1} (a profile's measured link overrides the testbed's).
+- return: if the last device is not the source, the 8-byte token id goes back: 8 / bandwidth + latency.
+- latency (per generated token): sum of stage decode times + hops (T=1) + return.
+- e2e (P prompt tokens, G new tokens): sum of stage prefill_s_per_token * P + hops (T=P) + return
+  + (G - 1) * latency.
+- throughput: bottleneck = max(stage decode times, hop times at T=1, return); throughput = 1 / bottleneck.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+from .errors import PlanError
+from .plan import Stage
+from .profile import Profile, check_against
+from .testbed import Testbed
+
+OBJECTIVES = ("latency", "e2e", "throughput")
+TOKEN_ID_BYTES = 8  # the sampled token id returned to the source (int64)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+
+    def __post_init__(self):
+        for key in ("prompt_tokens", "new_tokens"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"workload {key} = {v!r} must be a positive integer (use --{key.replace('_', '-')} N)")
+
+
+def _prefix(values) -> tuple[float, ...]:
+    return (0.0, *accumulate(values))
+
+
+class CostModel:
+    """Per-device prefix sums and the link matrix of one (testbed, profile) pair.
+
+    The planner reads the same prefix sums, so a stage costs exactly the same float in the DP and here.
+    """
+
+    def __init__(self, testbed: Testbed, profile: Profile):
+        check_against(profile, testbed, f"profile for model {profile.model!r}")
+        self.testbed, self.profile = testbed, profile
+        self.n_units = profile.n_units
+        c = testbed.constraints
+        self.source = testbed.source
+        self.devices = tuple(d for d in testbed.names if d not in c.exclude)  # usable, testbed order
+        units = profile.units
+        reserve = c.context_tokens * c.sequences
+        self.unit_memory = tuple(u.weight_bytes + u.kv_bytes_per_token * reserve for u in units)
+        self.memory_prefix = _prefix(self.unit_memory)
+        self.activation = tuple(u.activation_bytes_per_token for u in units)
+        self.decode_prefix = {d: _prefix(profile.devices[d].decode_s) for d in self.devices}
+        self.prefill_prefix = {d: _prefix(profile.devices[d].prefill_s_per_token) for d in self.devices}
+        self.memory_limit = {d: testbed.usable_memory_bytes(d) for d in testbed.names}
+        self._links = {}
+        for a in testbed.names:
+            for b in testbed.names:
+                if a != b:
+                    lk = profile.link(a, b) or testbed.link(a, b)
+                    self._links[(a, b)] = (lk.bandwidth_bytes_s, lk.latency_s)
+
+    # --- elementary costs -------------------------------------------------------------------------
+    def decode(self, device: str, start: int, stop: int) -> float:
+        p = self.decode_prefix[device]
+        return p[stop] - p[start]
+
+    def prefill(self, device: str, start: int, stop: int) -> float:
+        p = self.prefill_prefix[device]
+        return p[stop] - p[start]
+
+    def memory(self, start: int, stop: int) -> int:
+        return self.memory_prefix[stop] - self.memory_prefix[start]
+
+    def link(self, src: str, dst: str) -> tuple[float, float]:
+        """(bandwidth_bytes_s, latency_s) of src -> dst."""
+        return self._links[(src, dst)]
+
+    def hop(self, src: str, dst: str, last_unit: int, tokens: int = 1) -> float:
+        bw, lat = self._links[(src, dst)]
+        return tokens * self.activation[last_unit] / bw + lat
+
+    def ret(self, last: str) -> float:
+        if last == self.source:
+            return 0.0
+        bw, lat = self._links[(last, self.source)]
+        return TOKEN_ID_BYTES / bw + lat
+
+    # --- plans --------------------------------------------------------------------------------------
+    def violations(self, stages: list[Stage] | tuple[Stage, ...], check_memory: bool = True) -> list[str]:
+        """Every rule the plan breaks, in words; empty when valid."""
+        out = []
+        c = self.testbed.constraints
+        if not stages:
+            return ["the plan has no stages"]
+        if stages[0].device != self.source:
+            out.append(f"the first stage runs on {stages[0].device!r}, not on the source {self.source!r}")
+        pos = 0
+        for s in stages:
+            if s.start != pos or s.stop <= s.start:
+                out.append(f"stage {s.device}[{s.start}, {s.stop}) does not continue at unit {pos}")
+            pos = s.stop
+        if pos != self.n_units:
+            out.append(f"the stages end at unit {pos}, the model has {self.n_units}")
+        names = [s.device for s in stages]
+        for d in sorted({n for n in names if names.count(n) > 1}):
+            out.append(f"device {d!r} holds more than one stage")
+        for d in names:
+            if d not in self.testbed.names:
+                out.append(f"device {d!r} is not in testbed {self.testbed.name!r}")
+            elif d in c.exclude:
+                out.append(f"device {d!r} is excluded by the constraints")
+        for d in c.require:
+            if d not in names:
+                out.append(f"required device {d!r} is not used")
+        if c.max_stages is not None and len(stages) > c.max_stages:
+            out.append(f"{len(stages)} stages exceed max_stages = {c.max_stages}")
+        if check_memory and not out:
+            for s in stages:
+                need, have = self.memory(s.start, s.stop), self.memory_limit[s.device]
+                if need > have:
+                    out.append(f"stage {s.device}[{s.start}, {s.stop}) needs {need / 2**30:.2f} GiB, "
+                               f"{s.device} holds {have / 2**30:.2f} GiB")
+        return out
+
+    def evaluate(self, stages, workload: Workload = Workload(), check: bool = True) -> dict:
+        """Predicted costs of a plan. With check=True an invalid plan raises PlanError naming every rule it breaks."""
+        stages = tuple(stages)
+        if check:
+            bad = self.violations(stages)
+            if bad:
+                raise PlanError("invalid plan: " + "; ".join(bad))
+        P, G = workload.prompt_tokens, workload.new_tokens
+        per_stage = []
+        latency = prefill_total = 0.0
+        bottleneck = 0.0
+        for p, s in enumerate(stages):
+            dec = self.decode(s.device, s.start, s.stop)
+            pre = self.prefill(s.device, s.start, s.stop) * P
+            entry = {"device": s.device, "start": s.start, "stop": s.stop, "decode_s": dec,
+                     "prefill_s": pre, "memory_bytes": self.memory(s.start, s.stop),
+                     "memory_limit_bytes": self.memory_limit[s.device]}
+            latency += dec
+            prefill_total += pre
+            bottleneck = max(bottleneck, dec)
+            if p + 1 < len(stages):
+                nxt = stages[p + 1].device
+                h1 = self.hop(s.device, nxt, s.stop - 1, 1)
+                hp = self.hop(s.device, nxt, s.stop - 1, P)
+                entry["hop_s"], entry["hop_prefill_s"] = h1, hp
+                latency += h1
+                prefill_total += hp
+                bottleneck = max(bottleneck, h1)
+            per_stage.append(entry)
+        r = self.ret(stages[-1].device)
+        latency += r
+        prefill_total += r
+        bottleneck = max(bottleneck, r)
+        return {
+            "latency_s": latency,
+            "e2e_s": prefill_total + (G - 1) * latency,
+            "prefill_s": prefill_total,
+            "bottleneck_s": bottleneck,
+            "throughput_tokens_per_s": (1.0 / bottleneck) if bottleneck > 0 else float("inf"),
+            "return_s": r,
+            "stages": per_stage,
+        }
+
+
+def objective_value(predicted: dict, objective: str) -> float:
+    """The number an objective minimises."""
+    return {"latency": predicted["latency_s"], "e2e": predicted["e2e_s"],
+            "throughput": predicted["bottleneck_s"]}[objective]

@@ -1,0 +1,107 @@
+"""The DP against brute force: every valid plan enumerated and judged by the same evaluator."""
+
+import itertools
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from edgeshard import planner
+from edgeshard.costs import CostModel, Workload, objective_value
+from edgeshard.errors import InfeasibleError
+from edgeshard.plan import Stage
+from edgeshard.profile import DeviceCosts, Profile, Unit
+from edgeshard.testbed import GIB, MBIT_S, Constraints, Device, Link, Testbed
+
+
+def brute_force(tb, pr, objective, workload):
+    """(best objective value, best latency among those) over every valid plan, or None."""
+    cm = CostModel(tb, pr)
+    N = pr.n_units
+    devs = cm.devices
+    best = None
+    for cuts_n in range(0, min(N - 1, len(devs) - 1) + 1):
+        for cuts in itertools.combinations(range(1, N), cuts_n):
+            bounds = (0, *cuts, N)
+            others = [d for d in devs if d != tb.source]
+            for rest in itertools.permutations(others, cuts_n):
+                seq = (tb.source, *rest)
+                stages = [Stage(d, a, b) for d, a, b in zip(seq, bounds, bounds[1:])]
+                if cm.violations(stages):
+                    continue
+                p = cm.evaluate(stages, workload)
+                key = (objective_value(p, objective), p["latency_s"])
+                if best is None or key < best:
+                    best = key
+    return best
+
+
+@st.composite
+def instances(draw):
+    n_dev = draw(st.integers(1, 4))
+    n_units = draw(st.integers(1, 6))
+    units = tuple(Unit(f"u{i}", draw(st.integers(1, 8)) * 2**27, draw(st.integers(1, 4)) * 1000,
+                       draw(st.integers(0, 2)) * 1024) for i in range(n_units))
+    names = [f"d{i}" for i in range(n_dev)]
+    costs, devices = {}, []
+    twin = draw(st.booleans())  # make devices 1.. identical sometimes, to exercise the classes
+    base_t = [draw(st.integers(1, 20)) / 1000 for _ in range(n_units)]
+    base_mem = draw(st.integers(1, 8)) / 4
+    for i, n in enumerate(names):
+        if twin and i >= 1:
+            t, mem = base_t, base_mem
+        else:
+            t = [draw(st.integers(1, 20)) / 1000 for _ in range(n_units)]
+            mem = draw(st.integers(1, 8)) / 4
+        pre = [x / draw(st.sampled_from([4, 16])) for x in t]
+        costs[n] = DeviceCosts(tuple(t), tuple(pre))
+        devices.append(Device(n, int(mem * GIB)))
+    links = []
+    uniform = draw(st.booleans())
+    for a in names:
+        for b in names:
+            if a != b and (not uniform or draw(st.integers(0, 5)) == 0):
+                links.append(Link(a, b, draw(st.sampled_from([1, 10, 100, 1000])) * MBIT_S,
+                                  draw(st.integers(0, 5)) / 1000))
+    others = names[1:]
+    exclude = tuple(x for x in others if draw(st.integers(0, 4)) == 0)
+    require = tuple(x for x in others if x not in exclude and draw(st.integers(0, 4)) == 0)
+    max_stages = draw(st.one_of(st.none(), st.integers(1, 4)))
+    cons = Constraints(context_tokens=draw(st.sampled_from([16, 1024])), sequences=draw(st.integers(1, 2)),
+                       memory_headroom=draw(st.sampled_from([0.0, 0.1])), exclude=exclude, require=require,
+                       max_stages=max_stages)
+    tb = Testbed("rand", "d0", tuple(devices), 100 * MBIT_S, 0.001, tuple(links), cons)
+    pr = Profile("rand", "float32", units, costs)
+    wl = Workload(draw(st.integers(1, 64)), draw(st.integers(1, 16)))
+    return tb, pr, wl
+
+
+@pytest.mark.parametrize("objective", ["latency", "e2e", "throughput"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inst=instances())
+def test_dp_matches_brute_force(objective, inst):
+    tb, pr, wl = inst
+    truth = brute_force(tb, pr, objective, wl)
+    if truth is None:
+        with pytest.raises(InfeasibleError):
+            planner.solve(tb, pr, objective, wl)
+        return
+    plan = planner.solve(tb, pr, objective, wl)
+    assert plan.feasible, plan.notes
+    got = objective_value(plan.predicted, objective)
+    assert math.isclose(got, truth[0], rel_tol=1e-9, abs_tol=1e-12), (plan.stages, truth)
+    if objective == "throughput":  # ties broken by least latency, exactly
+        assert math.isclose(plan.predicted["latency_s"], truth[1], rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_identical_devices_form_one_class_and_different_links_split_it():
+    units = tuple(Unit(f"u{i}", 2**27, 1000, 0) for i in range(4))
+    costs = {n: DeviceCosts((0.01,) * 4, (0.001,) * 4) for n in ["s", "a", "b", "c"]}
+    devs = tuple(Device(n, GIB) for n in ["s", "a", "b", "c"])
+    tb = Testbed("t", "s", devs)
+    pr = Profile("m", "float32", units, costs)
+    assert planner.device_classes(CostModel(tb, pr)) == [("s",), ("a", "b", "c")]
+    tb2 = tb.with_link("s", "b", bandwidth_mbit_s=5)
+    assert planner.device_classes(CostModel(tb2, pr)) == [("s",), ("a", "c"), ("b",)]
+    tb3 = tb.with_link("a", "b", bandwidth_mbit_s=5)  # a and b share a slow link: a pair class, c alone
+    assert planner.device_classes(CostModel(tb3, pr)) == [("s",), ("a", "b"), ("c",)]
