@@ -72,12 +72,13 @@ def cmd_plan_diff(args) -> int:
 def cmd_compare(args) -> int:
     from . import compare, testbed as tbm
     tb = tbm.load(args.testbed)
-    rows = compare.sweep(tb, args.models, args.bandwidths, args.dtype, _workload(args))
+    rows = compare.sweep(tb, args.models, args.bandwidths, args.dtype, _workload(args), links=args.links)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print(f"testbed {tb.name} ({len(tb.devices)} devices), {args.dtype}, synthetic profiles "
-              f"(see docs/paper.md for provenance); sweeping {tb.source} <-> {tb.cloud} bandwidth")
+              f"(see docs/paper.md for provenance); sweeping "
+              f"{tb.source + ' <-> ' + str(tb.cloud) if args.links == 'source' else 'every edge <-> ' + str(tb.cloud)} bandwidth")
         print(compare.format_table(rows))
     return 0
 
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["llama2-7b", "llama2-13b", "llama2-70b"])
     p.add_argument("--bandwidths", nargs="+", type=float, default=[1, 10, 50, 100, 500, 1000])
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--links", choices=["source", "all"], default="source",
+                   help="sweep only the source<->cloud link (default) or every edge<->cloud link")
     workload_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)

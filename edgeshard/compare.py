@@ -16,18 +16,23 @@ PAPER_BASELINES = ("edge-solo", "cloud-edge-even", "cloud-edge-opt")
 
 
 def sweep(testbed: Testbed, models=PAPER_MODELS, bandwidths=PAPER_BANDWIDTHS, dtype: str = "float32",
-          workload: Workload = Workload(), profiles: dict | None = None) -> list[dict]:
+          workload: Workload = Workload(), profiles: dict | None = None, links: str = "source") -> list[dict]:
     """Rows {"model", "bandwidth_mbit_s", "objective", "strategy", "value", "feasible", "stages"}.
 
     value: latency in seconds per token, or throughput in tokens/s. profiles: optional {model: Profile}.
+    links: "source" sweeps only source <-> cloud; "all" sweeps every edge <-> cloud link (a WAN to the cloud).
     """
+    if links not in ("source", "all"):
+        raise ValueError(f"links = {links!r}: use 'source' or 'all'")
     if testbed.cloud is None:
         raise ValueError(f"testbed {testbed.name!r} names no cloud device: add cloud = \"<device>\" to sweep its link")
     rows = []
     for model in models:
         profile = (profiles or {}).get(model) or synthetic_profile(testbed, model, dtype)
         for bw in bandwidths:
-            tb = testbed.with_link(testbed.source, testbed.cloud, bandwidth_mbit_s=bw)
+            tb = testbed
+            for d in ([testbed.source] if links == "source" else [n for n in testbed.names if n != testbed.cloud]):
+                tb = tb.with_link(d, testbed.cloud, bandwidth_mbit_s=bw)
             for objective in ("latency", "throughput"):
                 for name, plan in plan_all(tb, profile, objective, workload).items():
                     if plan.feasible:

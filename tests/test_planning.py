@@ -148,3 +148,12 @@ def test_planner_imports_neither_torch_nor_rpyc():
             "bad = [m for m in ('torch', 'rpyc', 'transformers', 'bokeh') if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_thin_wan_to_the_cloud_moves_work_to_the_edge():
+    """The paper: at low bandwidth to the cloud EdgeShard uses more edge devices, at high bandwidth more cloud."""
+    tb = tbm.load(ROOT / "testbed_configs" / "paper-edge.toml")
+    rows = compare.sweep(tb, models=("llama2-7b",), bandwidths=(1, 1000), links="all")
+    stages = {r["bandwidth_mbit_s"]: r["stages"] for r in rows if r["strategy"] == "edgeshard" and r["objective"] == "latency"}
+    on_cloud = {bw: sum(b - a for d, a, b in st if d == "cloud") for bw, st in stages.items()}
+    assert on_cloud[1] == 0 and on_cloud[1000] > 20, stages
