@@ -90,8 +90,11 @@ def cmd_profile(args) -> int:
         from .synthetic import synthetic_profile
         pr = synthetic_profile(tb, args.model, args.dtype)
     else:
-        from . import launch, profiler
-        state = launch.find_state(tb)
+        from . import profiler, testbeds
+        state = testbeds.find_state(tb)
+        if state is None:
+            raise ConfigError(args.testbed, f"testbed {tb.name!r} is not up",
+                              f"run `edgeshard testbed up {args.testbed} --local` first, or use --synthetic")
         pr = profiler.profile(tb, args.model, state, dtype=args.dtype, context_tokens=args.context_tokens,
                               prefill_tokens=args.prefill_tokens, repeats=args.repeats)
     text = pr.dumps()
@@ -104,6 +107,14 @@ def cmd_profile(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the device server has its own parser (edgeshard.device.service)
+        from .device import service
+        return service.main(argv[1:]) or 0
+    tail: list[str] = []
+    if "--" in argv:  # `testbed exec TESTBED DEVICE -- CMD ...`: everything after -- is the command
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1:]
     ap = argparse.ArgumentParser(prog="edgeshard", description="Plan and run LLM shards across edge devices (EdgeShard).")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -159,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgeshard: runtime commands unavailable ({e})", file=sys.stderr)
 
     args = ap.parse_args(argv)
+    args.cmd = tail
     try:
         return args.func(args) or 0
     except EdgeshardError as e:
