@@ -109,7 +109,7 @@ class Testbed:
                        old.bandwidth_bytes_s if bandwidth_mbit_s is None else bandwidth_mbit_s * MBIT_S,
                        old.latency_s if latency_ms is None else latency_ms / 1000)
             links = [lk for lk in links if (lk.src, lk.dst) != (a, b)] + [new]
-        return self.replace(links=tuple(links))
+        return self.replace(links=tuple(sorted(links, key=lambda lk: (lk.src, lk.dst))))  # as from_dict orders them
 
     def with_constraints(self, **changes) -> "Testbed":
         return self.replace(constraints=dataclasses.replace(self.constraints, **changes))
