@@ -25,6 +25,7 @@ import os
 import secrets
 import socket
 import stat
+import time
 from pathlib import Path
 
 CLIENT_HELLO = b"ESHELO1\n"
@@ -104,8 +105,18 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _refuse(sock: socket.socket) -> None:
+    """Send REFUSAL, then read and drop what the peer already sent (closing a socket with unread input sends
+    a TCP reset, which could destroy the refusal before the peer reads it)."""
     try:
         sock.sendall(REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.5)
+        drained, deadline = 0, time.monotonic() + 1.0
+        while drained < (1 << 16) and time.monotonic() < deadline:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            drained += len(chunk)
     except OSError:
         pass
 
