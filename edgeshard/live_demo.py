@@ -1,0 +1,86 @@
+"""The live part of `make demo`: testbed up -> profile -> plan -> run SmolLM2 on 3 devices -> report -> down.
+
+As root, where network namespaces work, the testbed is emulated in the kernel (emulate.py); otherwise the
+devices are local processes with links shaped in the data plane. The last line printed is the report's path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import planner, plan as planm, profiler, report, runtime, testbed as tbm, testbeds
+from .costs import Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+PROMPTS = ["The capital of France is", "Edge devices can run large language models by", "Once upon a time,"]
+
+
+def pick_testbed() -> tuple[Path, bool]:
+    """(testbed file, local?) for this machine."""
+    ok, why = testbeds.mode_available()
+    emu = sorted((ROOT / "testbed_configs").glob("emu-paper*.toml"))
+    if ok and emu and not os.environ.get("EDGESHARD_DEMO_LOCAL"):
+        return emu[0], False
+    if not ok:
+        print(f"(kernel emulation unavailable: {why}; using local device processes)")
+    return ROOT / "testbed_configs" / "local.toml", True
+
+
+def main() -> int:
+    path, local = pick_testbed()
+    tb = tbm.load(path)
+    state_dir = Path(tempfile.mkdtemp(prefix="edgeshard-demo-"))
+    print(f"\n== bringing up testbed {tb.name} ({'local processes' if local else 'kernel-emulated'}), "
+          f"{len(tb.devices)} devices")
+    state = testbeds.up(tb, local=local, state_dir=state_dir)
+    try:
+        for name, d in state["devices"].items():
+            print(f"  {name:<10} {d['address']}:{d['port']}  healthy={d['healthy']}")
+        print(f"\n== profiling {MODEL} on every device and link (cached per testbed and code version)")
+        pr = profiler.profile(tb, MODEL, state, repeats=3, progress=True)
+        runs = ROOT / "runs"
+        runs.mkdir(exist_ok=True)
+        wl = Workload(prompt_tokens=8, new_tokens=24)
+        lat = planner.solve(tb, pr, "latency", wl)
+        thr = planner.solve(tb, pr, "throughput", wl)
+        print("\n== plans from the measured profile")
+        from .cli import summary
+        print(summary(lat))
+        print(summary(thr))
+        print(planm.format_diff(lat, thr, "latency plan", "throughput plan"))
+        print(f"\n== running {MODEL}: sequential with the latency plan ({len(lat.stages)} devices)")
+        res = runtime.run(tb, lat, MODEL, PROMPTS[:1], 24, mode="sequential", state=state, profile=pr,
+                          runs_base=runs, command=["make", "demo"])
+        _show(res, lat)
+        print(f"\n== running {MODEL}: pipeline, {len(PROMPTS)} sequences in flight, throughput plan "
+              f"({len(thr.stages)} devices)")
+        res = runtime.run(tb, thr, MODEL, PROMPTS, 24, mode="pipeline", state=state, profile=pr,
+                          runs_base=runs, command=["make", "demo"])
+        _show(res, thr)
+        out = report.render(res["run_dir"])
+    finally:
+        testbeds.down(tb.name, state_dir)
+        print(f"\n== testbed {tb.name} is down")
+    print(f"report (open in a browser; `make lab` for the notebooks):\n{out}")
+    return 0
+
+
+def _show(res: dict, plan) -> None:
+    for r in res["results"]:
+        print(f"  {r['prompt']!r} -> {r['text']!r}")
+        print(f"    token ids {r['token_ids']}")
+    s = res["summary"]
+    tl = s.get("token_latency_s") or {}
+    if tl.get("p50") is not None:
+        print(f"  per-token latency p50 {tl['p50'] * 1000:.1f} ms (p95 {tl['p95'] * 1000:.1f} ms), predicted "
+              f"{plan.predicted['latency_s'] * 1000:.1f} ms; {s['tokens_per_s']:.1f} tokens/s overall "
+              f"(predicted bottleneck throughput {plan.predicted['throughput_tokens_per_s']:.1f})")
+    print(f"  run folder: {res['run_dir']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
