@@ -208,6 +208,8 @@ class Run:
         self.profile, self.command = profile, command
         self.write_run_dir = write_run_dir
         self.run_dir = Path(run_dir) if run_dir else (default_run_dir(self.plan, runs_base) if write_run_dir else None)
+        if self.run_dir is not None:
+            self.run_dir = self.run_dir.resolve()  # printed and recorded: absolute, valid from any directory
         self.events: queue.Queue = queue.Queue()
         self.result: dict | None = None
         self.error: BaseException | None = None
