@@ -49,7 +49,16 @@ def cmd_plan(args) -> int:
     from . import baselines, profile as prof, testbed as tbm
     tb = tbm.load(args.testbed)
     pr = prof.load(args.profile)
-    plan = baselines.plan_with(args.strategy, tb, pr, args.objective, _workload(args))
+    if args.strategy == "edgeshard":
+        from . import planner
+        from .errors import InfeasibleError
+        try:
+            plan = planner.solve(tb, pr, args.objective, _workload(args), explain=True)
+        except InfeasibleError as e:
+            print(f"edgeshard: infeasible: {e}", file=sys.stderr)
+            return 2
+    else:
+        plan = baselines.plan_with(args.strategy, tb, pr, args.objective, _workload(args))
     if args.strategy == "edgeshard" and not plan.feasible:
         print(f"edgeshard: {plan.notes[0]}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ restricted space has bottleneck exactly b*), which is an exact lexicographic opt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,8 +284,12 @@ def _shortfall(cm: CostModel) -> str:
 
 
 def solve(testbed: Testbed, profile: Profile, objective: str = "latency",
-          workload: Workload = Workload()) -> Plan:
-    """The optimal plan for an objective under all constraints; InfeasibleError if none exists."""
+          workload: Workload = Workload(), explain: bool = False) -> Plan:
+    """The optimal plan for an objective under all constraints; InfeasibleError if none exists.
+
+    explain: say for every class of unused devices what the best plan forced to use one of them costs more
+    (one more exact solve per class).
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     cm = CostModel(testbed, profile)
@@ -303,7 +308,37 @@ def solve(testbed: Testbed, profile: Profile, objective: str = "latency",
     if not np.isfinite(best):
         raise InfeasibleError(f"testbed {testbed.name!r}, model {profile.model}: {_shortfall(cm)}")
     stages = _reconstruct(t, m, s, parents, cm)
-    return make_plan(cm, stages, objective, "edgeshard", workload)
+    plan = make_plan(cm, stages, objective, "edgeshard", workload)
+    if explain:
+        plan = dataclasses.replace(plan, notes=tuple(n for n in plan.notes if ": unused" not in n)
+                                   + tuple(_why_unused(testbed, profile, objective, workload, t, plan)))
+    return plan
+
+
+def _why_unused(testbed, profile, objective, workload, t: _Tables, plan: Plan) -> list[str]:
+    used = {s.device for s in plan.stages}
+    base = cost(plan)
+    unit = "ms/token" if objective == "latency" else ("s" if objective == "e2e" else "ms of bottleneck")
+    scale = 1.0 if objective == "e2e" else 1000.0
+    notes = []
+    for cls in t.classes[1:]:
+        free = [d for d in cls if d not in used]
+        if not free:
+            continue
+        who = free[0] if len(free) == 1 else f"{', '.join(free)} (interchangeable)"
+        # one MORE device of this class than the plan uses (requiring only free[0] would just swap it in)
+        more = tuple(d for d in cls if d in used) + (free[0],)
+        forced = testbed.with_constraints(require=tuple(dict.fromkeys(testbed.constraints.require + more)))
+        try:
+            alt = solve(forced, profile, objective, workload)
+            extra = ""
+            if objective == "throughput":  # ties are broken by latency: say what that costs too
+                extra = f" ({(alt.predicted['latency_s'] - plan.predicted['latency_s']) * 1000:+.3f} ms/token latency)"
+            notes.append(f"{who}: unused; the best plan using {'it' if len(free) == 1 else 'one more'} costs "
+                         f"{(cost(alt) - base) * scale:+.3f} {unit}{extra}")
+        except InfeasibleError:
+            notes.append(f"{who}: unused; no plan that uses {'it' if len(free) == 1 else 'one more'} fits the constraints")
+    return notes
 
 
 def make_plan(cm: CostModel, stages, objective: str, strategy: str, workload: Workload,
