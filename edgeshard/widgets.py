@@ -35,8 +35,19 @@ def setup_notebook() -> None:
     output_notebook(resources=INLINE, hide_banner=True)
 
 
+class _KernelStreamedModel(BokehModel):
+    """A BokehModel whose data sources only the kernel streams to. jupyter_bokeh 4.1's frontend sends every
+    patch it applied back to the kernel as a "jsevent"; re-applying an echoed ColumnsStreamed would append the
+    same rows again on the Python side (a live plot's source held twice the points the browser drew)."""
+
+    def _sync_model(self, model, content, buffers):
+        if content.get("event") == "jsevent" and content.get("kind") in ("ColumnsStreamed", "ColumnsPatched"):
+            return
+        super()._sync_model(model, content, buffers)
+
+
 def bokeh_widget(model) -> BokehModel:
-    return BokehModel(model)
+    return _KernelStreamedModel(model)
 
 
 class _View:
