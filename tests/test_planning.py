@@ -157,3 +157,15 @@ def test_thin_wan_to_the_cloud_moves_work_to_the_edge():
     stages = {r["bandwidth_mbit_s"]: r["stages"] for r in rows if r["strategy"] == "edgeshard" and r["objective"] == "latency"}
     on_cloud = {bw: sum(b - a for d, a, b in st if d == "cloud") for bw, st in stages.items()}
     assert on_cloud[1] == 0 and on_cloud[1000] > 20, stages
+
+
+def test_explain_unused_devices_with_the_exact_cost_of_one_more():
+    tb = tbm.load(ROOT / "testbed_configs" / "paper-latency.toml")
+    pr = synthetic_profile(tb, "llama2-7b")
+    plan = planner.solve(tb, pr, "latency", explain=True)
+    used = {s.device for s in plan.stages}
+    assert "nx-1" not in used
+    note = next(n for n in plan.notes if n.startswith("nx-1: unused"))
+    forced = planner.solve(tb.with_constraints(require=("nx-1",)), pr, "latency")
+    assert f"{(forced.predicted['latency_s'] - plan.predicted['latency_s']) * 1000:+.3f} ms/token" in note
+    assert "nx-1" in {s.device for s in forced.stages}
