@@ -38,8 +38,8 @@ def brute_force(tb, pr, objective, workload):
 
 @st.composite
 def instances(draw):
-    n_dev = draw(st.integers(1, 4))
-    n_units = draw(st.integers(1, 6))
+    n_dev = draw(st.integers(1, 5))
+    n_units = draw(st.integers(1, 7))
     units = tuple(Unit(f"u{i}", draw(st.integers(1, 8)) * 2**27, draw(st.integers(1, 4)) * 1000,
                        draw(st.integers(0, 2)) * 1024) for i in range(n_units))
     names = [f"d{i}" for i in range(n_dev)]
@@ -66,7 +66,7 @@ def instances(draw):
     others = names[1:]
     exclude = tuple(x for x in others if draw(st.integers(0, 4)) == 0)
     require = tuple(x for x in others if x not in exclude and draw(st.integers(0, 4)) == 0)
-    max_stages = draw(st.one_of(st.none(), st.integers(1, 4)))
+    max_stages = draw(st.one_of(st.none(), st.integers(1, 5)))
     cons = Constraints(context_tokens=draw(st.sampled_from([16, 1024])), sequences=draw(st.integers(1, 2)),
                        memory_headroom=draw(st.sampled_from([0.0, 0.1])), exclude=exclude, require=require,
                        max_stages=max_stages)
@@ -77,7 +77,7 @@ def instances(draw):
 
 
 @pytest.mark.parametrize("objective", ["latency", "e2e", "throughput"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inst=instances())
 def test_dp_matches_brute_force(objective, inst):
     tb, pr, wl = inst
@@ -105,3 +105,41 @@ def test_identical_devices_form_one_class_and_different_links_split_it():
     assert planner.device_classes(CostModel(tb2, pr)) == [("s",), ("a", "c"), ("b",)]
     tb3 = tb.with_link("a", "b", bandwidth_mbit_s=5)  # a and b share a slow link: a pair class, c alone
     assert planner.device_classes(CostModel(tb3, pr)) == [("s",), ("a", "b"), ("c",)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_matches_brute_force_on_larger_instances(seed):
+    """5 devices (two of them twins), 8 units, random links and memory: every objective, exactly."""
+    import random
+    rng = random.Random(seed)
+    n_units = 8
+    units = tuple(Unit(f"u{i}", rng.randint(1, 6) * 2**27, rng.randint(1, 4) * 4000, rng.randint(0, 2) * 1024)
+                  for i in range(n_units))
+    names = [f"d{i}" for i in range(5)]
+    twin_t = [rng.randint(1, 20) / 1000 for _ in range(n_units)]
+    costs, devices = {}, []
+    for i, n in enumerate(names):
+        t = twin_t if i in (3, 4) else [rng.randint(1, 20) / 1000 for _ in range(n_units)]
+        costs[n] = DeviceCosts(tuple(t), tuple(x / 8 for x in t))
+        devices.append(Device(n, int((1.5 if i in (3, 4) else rng.randint(2, 8) / 4) * GIB)))
+    links = [Link(a, b, rng.choice([1, 10, 100]) * MBIT_S, rng.randint(0, 3) / 1000)
+             for a in names for b in names if a != b and {a, b} != {"d3", "d4"} and not {a, b} & {"d3", "d4"}]
+    for other in names[:3]:  # twins: identical links to everyone else
+        bw, lat = rng.choice([1, 10, 100]) * MBIT_S, rng.randint(0, 3) / 1000
+        for tw in ("d3", "d4"):
+            links += [Link(other, tw, bw, lat), Link(tw, other, bw, lat)]
+    tb = Testbed("big", "d0", tuple(devices), 100 * MBIT_S, 0.001, tuple(links),
+                 Constraints(context_tokens=256, max_stages=rng.choice([None, 3, 4])))
+    pr = Profile("big", "float32", units, costs)
+    assert [len(c) for c in planner.device_classes(CostModel(tb, pr))].count(2) == 1  # the twins form a class
+    wl = Workload(16, 8)
+    for objective in ("latency", "e2e", "throughput"):
+        truth = brute_force(tb, pr, objective, wl)
+        if truth is None:
+            with pytest.raises(InfeasibleError):
+                planner.solve(tb, pr, objective, wl)
+            continue
+        plan = planner.solve(tb, pr, objective, wl)
+        assert math.isclose(objective_value(plan.predicted, objective), truth[0], rel_tol=1e-9), (seed, objective)
+        if objective == "throughput":
+            assert math.isclose(plan.predicted["latency_s"], truth[1], rel_tol=1e-9)
