@@ -12,9 +12,15 @@ Every device of a Testbed becomes
 * latency: netem under each class where the kernel has it, else recorded as "app" (the data plane delays in
   the application). This machine's kernel has no netem (NOTES: "Specified qdisc kind is unknown");
 * a cgroup per device (v1 ``cpu`` + ``memory`` hierarchies, or v2 ``cpu.max``/``memory.max``): a CFS quota of
-  ``cpu_share`` of one core and a hard memory limit of ``memory_bytes`` (an allocation beyond it is OOM-killed
-  inside the group, not elsewhere on the machine);
+  ``cpu_share`` of one core and a hard memory limit of ``memory_bytes + RUNTIME_ALLOWANCE_BYTES`` (see there:
+  memory_gib is what a plan may use for weights + KV cache, the allowance is the device server's own memory;
+  an allocation beyond the limit is OOM-killed inside the group, not elsewhere on the machine);
+* a throttled device (cpu_share < 1) pinned to one CPU together with an idle-policy spinner in its CPU cgroup
+  (IDLE_BALLAST): a CFS quota alone lets an idle device run its next few ms at full speed, the ballast keeps it
+  in the steady state a profile measures (at the cost of keeping sum(cpu_share) of the machine busy while up);
 * the device server ``serve_argv(device, address, port)`` started inside both, ``OMP_NUM_THREADS=1``.
+
+When a device dies, ``device_failure(state, device)`` says why if the kernel knows (its cgroup's OOM kills).
 
 State lives in ``state_dir/<testbed name>.json``, written as resources are created, so a controller that
 crashes half way leaves enough for ``down`` to clean up. ``down`` also finds leftovers by prefix (namespaces,
@@ -58,7 +64,10 @@ CLONE_NEWNET = 0x40000000  # setns/unshare flag, spelled out in the probe and tr
 #   P =  10 ms: long run 4.00 / 2.02; 45 ms step 3.81 / 1.80 (min-max spread 0.2 / 0.13)
 #   P =   5 ms: long run 4.01 / 2.02; 45 ms step 3.89 / 1.89
 # 10 ms: accurate long runs, steps within ~10 %, and shares down to 0.1 keep the kernel's 1 ms minimum quota;
-# smaller shares get a longer period (quota = 1 ms), see _cfs().
+# smaller shares get a longer period (quota = 1 ms), see _cfs(). Shorter periods do not help on this kernel: it
+# runs at HZ = 250, so a CPU-bound thread's quota is checked every 4 ms tick (periods under ~5 ms overran and
+# then paid back in long throttled stretches; a 0.65 device at a 1.5 ms period got 0.52 of a core in SmolLM2
+# runs). What remains of the step effects above is removed by the idle ballast (IDLE_BALLAST).
 CFS_PERIOD_US = 10_000
 MIN_QUOTA_US = 1_000  # the kernel's lower bound for cpu.cfs_quota_us / cpu.max
 MAX_PERIOD_US = 1_000_000  # and its upper bound for the period
@@ -66,6 +75,39 @@ MAX_PERIOD_US = 1_000_000  # and its upper bound for the period
 # runnable task at equal weight and can get less than its quarter. Throttled devices get 4x the default weight
 # (cpu.shares 4096 / cpu.weight 400) so they reach their quota first; the quota itself bounds what they take.
 THROTTLED_WEIGHT_FACTOR = 4
+
+# Memory. A testbed's memory_gib is the memory a PLAN may use (weights + KV cache, what the planner checks: the
+# paper's "usable memory"). The device server itself (Python, torch, transformers, rpyc, the tokenizer on the
+# source, the transient copy of one tensor while a stage loads) needs memory of its own, so the cgroup's hard
+# limit is memory_bytes + RUNTIME_ALLOWANCE_BYTES: a correct plan runs, a plan that ignores memory is OOM-killed.
+# Measured (cgroup v1 memory.usage_in_bytes / max_usage_in_bytes of emulated SmolLM2 device servers, fp32; the
+# cgroup charges anonymous memory and the page cache it faults in, not shared-library pages already cached):
+#   server after importing torch + transformers, one 14 MB layer loaded: 284 MB (~270 MB before any weights);
+#   31 units (538 MB of weights) loaded: 812 MB, 274 MB beyond the weights;
+#   peaks beyond the largest stage's weights over profile + sequential + pipeline runs (bench/
+#   emulated_predictions.py, 4 scenarios x 3-4 devices): 264-330 MiB for middle stages, up to 389 MiB for the
+#   source (tokenizer, and the transient second copy of the 113 MB embedding while it loads; the last stage pays
+#   the same for the head).
+# Process RSS is higher (+93 MB of file-backed torch/python pages, shared and charged elsewhere): 377 MB with one
+# layer here; another session measured ~450 MB RSS before weights and 515-700 MB with a third of SmolLM2.
+# 512 MiB covers the 389 MiB peak with ~120 MiB to spare and still kills plans that ignore memory: SmolLM2's
+# layers and head (~540 MB) on a device with memory_gib 0.1 are OOM-killed while loading
+# (tests/test_emulated_accuracy.py).
+RUNTIME_ALLOWANCE_BYTES = 512 << 20
+
+# Idle ballast (compute fidelity). A CFS quota is not a slower CPU: a group that was idle starts its next step
+# with a full quota plus the up-to-1 ms of runtime each CPU keeps locally, and with HZ = 250 (this kernel) a tick
+# passes before an exhausted quota is noticed. So after an idle gap a throttled device runs a few ms of CPU at full
+# speed: measured on SmolLM2 stages (emu-paper testbeds, sequential mode, period 5 ms), a 4 ms-CPU stage at
+# cpu_share 0.2 took 12.6 ms instead of 21, a 10 ms one at 0.35 22 ms instead of 29-40, while a profile (back-to-back
+# passes) sees 1/share. Per-token latency then came out 10-35 % under the prediction, depending on the stages.
+# The fix: every throttled device (cpu_share < 1) and an idle-policy spinner ("ballast") in its CPU cgroup are
+# pinned to one CPU. While the server is idle the ballast uses up the quota, so a step always starts in the steady
+# state a profile measures; when any server thread wakes it preempts the ballast (SCHED_IDLE) and gets the quota
+# that is left. Cost: an emulated testbed keeps sum(cpu_share) of the machine busy while it is up (the devices'
+# quotas), so keep that sum below the core count with room for the controller. Devices are packed onto the
+# CPUs the controller may use (largest share first, onto the least loaded CPU).
+IDLE_BALLAST = True
 
 DEFAULT_PORT = 7700  # a device's port when the testbed says 0: every namespace has its own port space
 AUTO_HOSTS = {"auto", "", "localhost", "0.0.0.0"}  # plus loopback addresses: a namespace's lo is its own
@@ -311,7 +353,26 @@ def _cfs(cpu_share: float | None) -> tuple[int, int] | None:
     return max(MIN_QUOTA_US, round(cpu_share * period)), period
 
 
+def memory_limit_bytes(memory_bytes: int, allowance_bytes: int = RUNTIME_ALLOWANCE_BYTES) -> int:
+    """The cgroup's hard limit for a device whose plan may use memory_bytes (see RUNTIME_ALLOWANCE_BYTES)."""
+    return int(memory_bytes) + int(allowance_bytes)
+
+
+def assign_cpus(shares: dict[str, float | None], cpus: list[int] | None = None) -> dict[str, int | None]:
+    """One CPU per throttled device (0 < share < 1): largest share first, onto the CPU with the least share
+    assigned so far (ties: the lower CPU). Unthrottled devices get None (they may run anywhere)."""
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    load = {c: 0.0 for c in cpus}
+    out: dict[str, int | None] = {n: None for n in shares}
+    for n in sorted((n for n, v in shares.items() if _cfs(v) is not None), key=lambda n: (-shares[n], n)):
+        c = min(cpus, key=lambda c: (load[c], c))
+        out[n] = c
+        load[c] += shares[n]
+    return out
+
+
 def _make_cgroup(mode: str, group: str, cpu_share: float | None, memory_bytes: int) -> list[Path]:
+    """memory_bytes: the hard limit itself (memory_limit_bytes(...) of the device)."""
     dirs = _cgroup_dirs(mode, group)
     cfs = _cfs(cpu_share)
     quota, period = cfs if cfs else (None, CFS_PERIOD_US)
@@ -482,19 +543,22 @@ def _shape(ns: str, dests: list[tuple[str, float, float]], netem: bool) -> None:
 
 # --------------------------------------------------------------------------------------------- exec
 
-# Runs as: python -I -S -c _TRAMPOLINE <netns path> <cgroup dir>... -- argv...
-# Joins the cgroups, then the network namespace, then execs argv in place (same pid, so Popen.returncode is
-# argv's own: -9 for an OOM kill). Python rather than `ip netns exec`/nsenter: no dependency on util-linux,
-# and no remount of /sys (which `ip netns exec` needs and some containers refuse).
+# Runs as: python -I -S -c _TRAMPOLINE <netns path> <cpus> <cgroup dir>... -- argv...
+# Joins the cgroups, pins itself to <cpus> ("0,1"; "-" = leave the affinity alone), then the network namespace,
+# then execs argv in place (same pid, so Popen.returncode is argv's own: -9 for an OOM kill). Threads and children
+# inherit the affinity. Python rather than `ip netns exec`/nsenter: no dependency on util-linux, and no remount of
+# /sys (which `ip netns exec` needs and some containers refuse).
 _TRAMPOLINE = r"""
 import ctypes, os, sys
 a = sys.argv[1:]
 sep = a.index("--")
-ns, cgroups, argv = a[0], a[1:sep], a[sep + 1:]
+ns, cpus, cgroups, argv = a[0], a[1], a[2:sep], a[sep + 1:]
 try:
     for d in cgroups:
         with open(os.path.join(d, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
+    if cpus != "-":
+        os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
     fd = os.open(ns, os.O_RDONLY)
 except OSError as e:
     sys.exit("edgeshard: cannot join the device (is the testbed up?): %s" % e)
@@ -509,12 +573,41 @@ except OSError as e:
     sys.exit("edgeshard: cannot run %r: %s" % (argv[0], e.strerror))
 """
 
+# The idle ballast of a throttled device (see IDLE_BALLAST): python -I -S -c _BALLAST <cpu> <cpu cgroup dir>.
+# Joins the device's CPU cgroup only (v1: its few MB are not charged to the device's memory; v2 has one
+# group), pins itself to the device's CPU, drops to SCHED_IDLE and spins. SCHED_IDLE: on that CPU any thread of
+# the device server preempts it at once (a waking normal task always preempts an idle-policy one) and takes what
+# is left of the quota.
+_BALLAST = r"""
+import os, sys, time
+try:
+    with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    os.sched_setaffinity(0, [int(sys.argv[1])])
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except OSError as e:
+    sys.exit("edgeshard: idle ballast: %s" % e)
+# Spin in 0.2 ms slices with a sched_yield between them: every yield runs the scheduler's accounting, so the
+# group is throttled within 0.2 ms of its quota running out instead of at the next tick (4 ms at HZ=250), and
+# leaves no debt that would stretch its next off-time.
+t = time.perf_counter
+while True:
+    end = t() + 0.0002
+    while t() < end:
+        pass
+    os.sched_yield()
+"""
 
-def _argv_for(namespace: str, cgroup_dirs: list[str], argv: list[str]) -> list[str]:
+
+def _cpus_arg(cpu) -> str:
+    return "-" if cpu is None else str(int(cpu))
+
+
+def _argv_for(namespace: str, cgroup_dirs: list[str], argv: list[str], cpu: int | None = None) -> list[str]:
     if not argv:
         raise EmulationError("nothing to run: give a command")
-    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(NETNS_DIR / namespace), *map(str, cgroup_dirs),
-            "--", *map(str, argv)]
+    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(NETNS_DIR / namespace), _cpus_arg(cpu),
+            *map(str, cgroup_dirs), "--", *map(str, argv)]
 
 
 def _device_state(name: str, device: str, state_dir: Path) -> dict:
@@ -532,7 +625,7 @@ def _device_state(name: str, device: str, state_dir: Path) -> dict:
 def exec_argv(name: str, device: str, state_dir: Path, argv: list[str]) -> list[str]:
     """An argv that runs `argv` as `device` of the testbed: in its network namespace and cgroups."""
     dev = _device_state(name, device, state_dir)
-    return _argv_for(dev["namespace"], dev.get("cgroup_dirs", []), argv)
+    return _argv_for(dev["namespace"], dev.get("cgroup_dirs", []), argv, dev.get("cpu"))
 
 
 def run_as(name: str, device: str, state_dir: Path, argv: list[str], **popen_kw) -> subprocess.Popen:
@@ -550,8 +643,16 @@ def _public(state: dict) -> dict:
 
 
 def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state_dir: Path,
-       prefix: str | None = None) -> dict:
-    """Create the emulated testbed and start one server per device; returns the status dict."""
+       prefix: str | None = None, memory_allowance_bytes: int = RUNTIME_ALLOWANCE_BYTES,
+       idle_ballast: bool = IDLE_BALLAST) -> dict:
+    """Create the emulated testbed and start one server per device; returns the status dict.
+
+    memory_allowance_bytes: added to every device's memory_bytes for its cgroup limit (RUNTIME_ALLOWANCE_BYTES;
+    0 for processes that are not device servers). Each device's state records "memory_limit_bytes".
+    idle_ballast: pin each throttled device to a CPU with an idle spinner that keeps its quota in the steady
+    state (IDLE_BALLAST); the state records "cpu" and "ballast_pid" per device."""
+    if memory_allowance_bytes < 0:
+        raise EmulationError(f"memory_allowance_bytes = {memory_allowance_bytes} must not be negative")
     ok, reason = available()
     if not ok:
         raise EmulationError(reason)
@@ -575,6 +676,8 @@ def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state
     bridge_addr = str(next(subnet.hosts()))
     addrs = _addresses(testbed, subnet)
     names = {d.name: _safe(d.name) for d in testbed.devices}
+    cpus = assign_cpus({d.name: d.cpu_share for d in testbed.devices}) if idle_ballast else \
+        {d.name: None for d in testbed.devices}
     if len(set(names.values())) != len(names):
         raise EmulationError("device names collide once made safe for namespace names: "
                              f"{sorted(names)}; rename them")
@@ -588,10 +691,12 @@ def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state
     for i, d in enumerate(testbed.devices):
         state["devices"][d.name] = {
             "address": addrs[d.name], "port": d.port or DEFAULT_PORT, "pid": None, "cpu_share": d.cpu_share,
-            "memory_gib": d.memory_gib, "namespace": prefix + names[d.name],
+            "memory_gib": d.memory_gib, "memory_limit_bytes": memory_limit_bytes(d.memory_bytes,
+                                                                                  memory_allowance_bytes),
+            "memory_allowance_bytes": int(memory_allowance_bytes), "namespace": prefix + names[d.name],
             "cgroup": _cgroup_label(mode, prefix + names[d.name]), "healthy": None,
             "veth": f"{prefix}v{i}", "cgroup_dirs": [], "log": str(state_dir / f"{d.name}.log"),
-            "cfs_quota_period_us": _cfs(d.cpu_share),
+            "cfs_quota_period_us": _cfs(d.cpu_share), "cpu": cpus[d.name], "ballast_pid": None,
         }
     for a in testbed.devices:
         for b in testbed.devices:
@@ -644,21 +749,33 @@ def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state
             group = dev["namespace"]
             dev["cgroup_dirs"] = [str(p) for p in _cgroup_dirs(mode, group)]
             _write_state(path, state)
-            _make_cgroup(mode, group, d.cpu_share, d.memory_bytes)
+            _make_cgroup(mode, group, d.cpu_share, dev["memory_limit_bytes"])
         state_dir.mkdir(parents=True, exist_ok=True)
+        for d in testbed.devices:
+            dev = state["devices"][d.name]
+            if dev["cpu"] is None:
+                continue
+            b = subprocess.Popen([sys.executable, "-I", "-S", "-c", _BALLAST, str(dev["cpu"]), dev["cgroup_dirs"][0]],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+            _children[b.pid] = b
+            dev["ballast_pid"] = b.pid
+            _write_state(path, state)
         for d in testbed.devices:
             dev = state["devices"][d.name]
             argv = serve_argv(d.name, dev["address"], dev["port"])
             env = dict(os.environ, OMP_NUM_THREADS="1")
             with open(dev["log"], "ab") as log:
                 # own session: Ctrl-C on the controller does not reach the servers; `down` stops them
-                p = subprocess.Popen(_argv_for(dev["namespace"], dev["cgroup_dirs"], argv), stdin=subprocess.DEVNULL,
+                p = subprocess.Popen(_argv_for(dev["namespace"], dev["cgroup_dirs"], argv, dev["cpu"]),
+                                     stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             _children[p.pid] = p
             dev["pid"] = p.pid
             _write_state(path, state)
         for d in testbed.devices:
             _wait_joined(state["devices"][d.name], d.name)
+            _wait_ballast(state["devices"][d.name], d.name)
     except Exception as e:
         # Undo what exists (the state file says what that is); a controller killed here leaves the same state
         # file for `edgeshard testbed down`.
@@ -689,6 +806,19 @@ def _wait_joined(dev: dict, device: str) -> None:
         time.sleep(POLL_S)
 
 
+def _wait_ballast(dev: dict, device: str) -> None:
+    """Wait (bounded) until the ballast is inside the device's CPU cgroup (then `down` finds it there)."""
+    pid = dev.get("ballast_pid")
+    if not pid:
+        return
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while pid not in _pids_in_cgroups([Path(dev["cgroup_dirs"][0])]):
+        if not _alive(pid) or time.monotonic() > deadline:
+            raise EmulationError(f"device {device!r}: its idle ballast (pid {pid}) did not join "
+                                 f"{dev['cgroup_dirs'][0]}")
+        time.sleep(POLL_S)
+
+
 def _cleanup(prefix: str, state: dict | None) -> list[str]:
     """Remove everything carrying the prefix (and whatever the state names). Order: processes (so nothing
     holds the namespaces), root-side veths (deleting one end deletes the namespace end with its qdiscs,
@@ -712,6 +842,12 @@ def _cleanup(prefix: str, state: dict | None) -> list[str]:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 if _TRAMPOLINE.encode() in argv and str(NETNS_DIR / dev.get("namespace", "?")).encode() in argv:
                     pids.add(pid)
+        bpid = dev.get("ballast_pid")
+        if isinstance(bpid, int) and _alive(bpid) and dev.get("cgroup_dirs"):
+            with contextlib.suppress(OSError):  # a ballast that had not joined its cgroup yet
+                argv = Path(f"/proc/{bpid}/cmdline").read_bytes().split(b"\0")
+                if _BALLAST.encode() in argv and str(dev["cgroup_dirs"][0]).encode() in argv:
+                    pids.add(bpid)
     for p in _kill(pids):
         removed.append(f"process {p}")
     with _iproute() as ipr:
@@ -778,6 +914,47 @@ def status(name: str, state_dir: Path) -> dict | None:
         mine = bool(pid) and _alive(pid) and _inode(ns) is not None and _inode(f"/proc/{pid}/ns/net") == _inode(ns)
         dev["healthy"] = bool(mine and _accepting(dev["address"], dev["port"]))
     return _public(state)
+
+
+# --------------------------------------------------------------------------------------------- diagnosis
+
+def oom_kills(dev: dict) -> int | None:
+    """How many processes the kernel OOM-killed in this device's memory cgroup (None: unknown / gone)."""
+    for d in dev.get("cgroup_dirs", []):
+        for fname in ("memory.oom_control", "memory.events"):  # v1, v2
+            try:
+                text = (Path(d) / fname).read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+    return None
+
+
+def device_failure(state: dict | None, device: str) -> str | None:
+    """Why an emulated device's server died, in words, when the kernel says so (an OOM kill in its memory cgroup);
+    None when the state is not an emulated testbed's or nothing is known."""
+    if not state or state.get("mode") != "emulated":
+        return None
+    dev = state.get("devices", {}).get(device)
+    if not dev:
+        return None
+    n = oom_kills(dev)
+    if not n:
+        return None
+    gib = 2 ** 30
+    limit = dev.get("memory_limit_bytes")
+    allowance = dev.get("memory_allowance_bytes")
+    what = ""
+    if limit is not None:
+        what = f" of {limit / gib:.2f} GiB"
+        if allowance is not None and dev.get("memory_gib") is not None:
+            what += (f" (memory_gib {dev['memory_gib']:g} for the plan's weights + KV cache, plus "
+                     f"{allowance / 2 ** 20:.0f} MiB runtime allowance)")
+    return (f"the kernel OOM-killed it ({n} OOM kill{'s' if n != 1 else ''} in its memory cgroup): the device "
+            f"ran out of its hard memory limit{what}; the plan puts more on {device!r} than it holds")
 
 
 # --------------------------------------------------------------------------------------------- measuring

@@ -522,14 +522,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Below this much CPU time of timed work, unit_timings runs extra untimed decode passes to measure how fast the
+# device runs sustained work (see there): a throttled device shows its share only over several CFS periods.
+MIN_SLOWDOWN_CPU_S = 0.05
+MAX_SLOWDOWN_PASSES = 5000
+
+
 @torch.no_grad()
 def unit_timings(stage: StageModel, context_tokens: int, prefill_tokens: int, repeats: int) -> dict:
-    """Median seconds per unit of `stage`: decode (one token with context_tokens already cached) and prefill
+    """Seconds per unit of `stage`: decode (one token with context_tokens already cached) and prefill
     (prefill_tokens at once from an empty cache, divided by prefill_tokens). Lists are aligned to the stage's
     units. Mask and rotary setup (once per stage call) is not attributed to any unit. One untimed warm-up.
 
+    On CUDA: the median wall time of each unit over `repeats`. On the CPU: the median CPU time of each unit
+    (process_time) times the device's slowdown, total wall / total CPU time of whole back-to-back passes. Why:
+    a stage costs the SUM of its units, so each unit needs an unbiased (mean) estimate, and on a device that is
+    throttled (a cgroup CFS quota, as the emulated testbed sets) or shared, a unit's wall time is bimodal: a
+    1 ms unit either fits into the quota left in the current period (1 ms) or waits out the rest of the period
+    (several ms). Its median then says "never throttled" (measured: SmolLM2 layers at cpu_share 0.35 and 0.65
+    came out ~30 % too fast, at 0.25 up to 40 % too slow), while CPU time is unaffected and the pass-level ratio
+    averages the throttling over many periods. Unthrottled and idle, the slowdown is ~1 and this equals the
+    median wall time. Below MIN_SLOWDOWN_CPU_S of timed CPU work (a chunk of one tiny unit), extra untimed
+    decode passes are run to measure the slowdown.
+
     Returns {"units", "decode_s", "prefill_s_per_token", "context_tokens", "prefill_tokens", "repeats",
-    "dtype", "device"}.
+    "dtype", "device", "method", "slowdown", "decode_wall_median_s", "prefill_wall_median_s_per_token"}.
     """
     if context_tokens < 0 or prefill_tokens < 1 or repeats < 1:
         raise ValueError(f"need context_tokens >= 0, prefill_tokens >= 1, repeats >= 1; got {context_tokens}, "
@@ -537,34 +554,41 @@ def unit_timings(stage: StageModel, context_tokens: int, prefill_tokens: int, re
     s, dev, c = stage, stage.device, stage.config
     gen = torch.Generator().manual_seed(0)
     units = list(range(s.start, s.stop))
+    on_cpu = dev.type == "cpu"
+    totals = {"wall": 0.0, "cpu": 0.0}  # whole timed passes (warm-up excluded)
 
     def timed(fn):
         _sync(dev)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
         _sync(dev)
-        return out, time.perf_counter() - t0
+        return out, time.perf_counter() - t0, time.process_time() - c0
 
-    def run_units(T: int, cache: DynamicCache, position: int, after_layer=None) -> list[float]:
-        """Run every unit once on T tokens; returns seconds per unit."""
+    def run_units(T: int, cache: DynamicCache, position: int, after_layer=None, count: bool = True):
+        """Run every unit once on T tokens; returns (wall seconds per unit, CPU seconds per unit)."""
+        c0, t0 = time.process_time(), time.perf_counter()
         ids = torch.randint(0, s.vocab, (1, T), generator=gen).to(dev)
         h = torch.randn(1, T, s.hidden, generator=gen).to(dev, s.torch_dtype)
         pos_ids = mask = rope = None
         if s.layers:
             pos_ids, mask, rope = s._layer_inputs(h, cache, position)
-        out = []
+        walls, cpus = [], []
         for u in units:
             if u == 0:
-                _, dt = timed(lambda: s.units["0"](ids))
+                _, dt, dc = timed(lambda: s.units["0"](ids))
             elif u == s.n_units - 1:
-                _, dt = timed(lambda: s._run_head(h))
+                _, dt, dc = timed(lambda: s._run_head(h))
             else:
                 layer = s.units[str(u)]
-                h, dt = timed(lambda: s._run_layer(layer, h, pos_ids, mask, rope, cache))
+                h, dt, dc = timed(lambda: s._run_layer(layer, h, pos_ids, mask, rope, cache))
                 if after_layer:
                     after_layer(u - 1)
-            out.append(dt)
-        return out
+            walls.append(dt)
+            cpus.append(dc)
+        if count:
+            totals["wall"] += time.perf_counter() - t0
+            totals["cpu"] += time.process_time() - c0
+        return walls, cpus
 
     # Decode: fill own cache slots with context_tokens of random K/V, time one token, crop it off again.
     kv_shape = (1, c.num_key_value_heads, context_tokens, c.head_dim)
@@ -573,14 +597,34 @@ def unit_timings(stage: StageModel, context_tokens: int, prefill_tokens: int, re
         k = torch.randn(kv_shape, generator=gen).to(dev, s.torch_dtype)
         cache.update(k, torch.randn(kv_shape, generator=gen).to(dev, s.torch_dtype), idx)
     crop = lambda idx: cache.layers[idx].crop(-1)  # noqa: E731
-    decode = [run_units(1, cache, context_tokens, crop) for _ in range(repeats + 1)][1:]
+    run_units(1, cache, context_tokens, crop, count=False)  # warm-up
+    decode = [run_units(1, cache, context_tokens, crop) for _ in range(repeats)]
     # Prefill: from an empty cache each time.
-    prefill = [run_units(prefill_tokens, DynamicCache(config=c), 0) for _ in range(repeats + 1)][1:]
+    run_units(prefill_tokens, DynamicCache(config=c), 0, count=False)
+    prefill = [run_units(prefill_tokens, DynamicCache(config=c), 0) for _ in range(repeats)]
+    extra = 0
+    while on_cpu and totals["cpu"] < MIN_SLOWDOWN_CPU_S and extra < MAX_SLOWDOWN_PASSES:
+        run_units(1, cache, context_tokens, crop)
+        extra += 1
+    slowdown = totals["wall"] / totals["cpu"] if on_cpu and totals["cpu"] > 0 else 1.0
+
+    def per_unit(runs, which: int, i: int) -> float:
+        return statistics.median(r[which][i] for r in runs)
+
+    wall_decode = [per_unit(decode, 0, i) for i in range(len(units))]
+    wall_prefill = [per_unit(prefill, 0, i) / prefill_tokens for i in range(len(units))]
+    if on_cpu:
+        decode_s = [per_unit(decode, 1, i) * slowdown for i in range(len(units))]
+        prefill_s = [per_unit(prefill, 1, i) * slowdown / prefill_tokens for i in range(len(units))]
+    else:
+        decode_s, prefill_s = wall_decode, wall_prefill
     return {
         "units": units,
-        "decode_s": [statistics.median(r[i] for r in decode) for i in range(len(units))],
-        "prefill_s_per_token": [statistics.median(r[i] for r in prefill) / prefill_tokens
-                                for i in range(len(units))],
+        "decode_s": decode_s,
+        "prefill_s_per_token": prefill_s,
         "context_tokens": context_tokens, "prefill_tokens": prefill_tokens, "repeats": repeats,
         "dtype": s.dtype, "device": str(dev),
+        "method": "cpu_time_x_slowdown" if on_cpu else "wall_median",
+        "slowdown": slowdown, "slowdown_extra_passes": extra,
+        "decode_wall_median_s": wall_decode, "prefill_wall_median_s_per_token": wall_prefill,
     }

@@ -1,8 +1,9 @@
 """Profiler: measure what the planner needs, on the devices themselves (`edgeshard profile TESTBED --model M`).
 
 - Per device: decode time of every unit (one token at `context_tokens` of cache) and prefill time per token
-  (`prefill_tokens` at once), medians of `repeats`, measured by model.unit_timings inside the device process
-  (over rpyc; the device loads the model in chunks that fit half its memory). One device at a time, so devices
+  (`prefill_tokens` at once) over `repeats`, measured by model.unit_timings inside the device process (on the
+  CPU: median CPU time per unit x the device's wall/CPU slowdown, unbiased on a throttled device; see there)
+  (over rpyc; the device loads the model in chunks that fit half its memory, dropping a loaded stage first). One device at a time, so devices
   that share a machine do not disturb each other's timings.
 - Per ordered device pair (a, b): device a probes b over the data plane, through the shaping the runtime
   applies (wire.Link): latency from small PING frames (one-way from timestamps when both devices share a clock,
@@ -31,7 +32,7 @@ from .device import wire
 from .profile import DeviceCosts, Link, Profile
 from .runtime import _address, _token_file, _version, environment, shaping_for
 
-SCHEME = 1  # bump when what a measurement means changes
+SCHEME = 2  # bump when what a measurement means changes (2: CPU units = CPU time x slowdown, model.unit_timings)
 _CODE_FILES = ("model.py", "profiler.py", "device/service.py", "device/wire.py")
 
 
@@ -213,7 +214,8 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
             "parameters": {"context_tokens": context_tokens, "prefill_tokens": prefill_tokens, "repeats": repeats,
                            "link_target_s": link_target_s, "pings": pings},
             "unit_sizes": f"edgeshard.catalog ({spec.source or spec.name})",
-            "compute": "model.unit_timings on each device (medians; one device at a time)",
+            "compute": "model.unit_timings on each device (CPU: median CPU time per unit x the device's wall/CPU "
+                       "slowdown; CUDA: median wall time; one device at a time)",
             "links": "measured by the source device of each pair over the data plane, through its shaping",
             "testbed": tb.name, "testbed_mode": (state or {}).get("mode"),
             "link_enforcement": {f"{lk['src']}->{lk['dst']}": {"bandwidth_by": lk.get("bandwidth_by"),

@@ -366,6 +366,10 @@ class Run:
             self._parallel(load, stages)
             if load_err:
                 name, e = sorted(load_err.items())[0]
+                stage = next(s for s in stages if s.device == name)
+                if not self._alive(name):  # e.g. OOM-killed while loading: say so, with what the kernel knows
+                    raise self._dead(name, f"while loading stage [{stage.start}, {stage.stop}) of {self.model}: "
+                                           f"{e}") from e
                 raise RuntimeError(str(e) if str(e).startswith("device") else f"device {name!r}: {e}") from e
             self.loads = loads
             # 2. the ring
@@ -429,8 +433,22 @@ class Run:
                     ev[k] -= off
         return ev
 
+    def _alive(self, name: str) -> bool:
+        try:
+            self.clients[name].ping()
+            return True
+        except Exception:
+            return False
+
     def _dead(self, name: str, why: str) -> RuntimeError:
         d = (self.state or {}).get("devices", {}).get(name, {})
+        diagnosis = None
+        if (self.state or {}).get("mode") == "emulated":
+            try:
+                from .emulate import device_failure
+                diagnosis = device_failure(self.state, name)
+            except Exception:  # no pyroute2, no cgroup files: no diagnosis, the message stands
+                diagnosis = None
         tail = ""
         if d.get("log"):
             try:
@@ -439,8 +457,8 @@ class Run:
             except OSError:
                 pass
         pid = f" (pid {d['pid']})" if d.get("pid") else ""
-        return RuntimeError(f"device {name!r}{pid} failed during the run: {why} "
-                            f"(process died or was OOM-killed?){tail}")
+        cause = f"; {diagnosis}" if diagnosis else " (process died or was OOM-killed?)"
+        return RuntimeError(f"device {name!r}{pid} failed during the run: {why}{cause}{tail}")
 
     def _generate(self, inbox: queue.Queue, events_file, names: list[str], loads: dict) -> dict:
         from .device.client import DeviceError

@@ -73,6 +73,8 @@ def up(testbed, local: bool | None = None, state_dir=None, timeout: float = 180.
 
 
 def _name(testbed_or_name) -> str:
+    if isinstance(testbed_or_name, tbm.Testbed):  # up() takes one; down/status must too
+        return testbed_or_name.name
     p = Path(str(testbed_or_name))
     if p.suffix == ".toml" and p.exists():
         return tbm.load(p).name

@@ -198,24 +198,103 @@ def test_compute_speed_follows_cpu_share(testbeds, state_dir):
 
 @needs_emulation
 def test_allocation_beyond_memory_limit_is_oom_killed(testbeds, state_dir):
-    tb = make_testbed("pytest-mem", {"small": (None, 64 / 1024)})  # 64 MiB
+    """The hard limit is memory_gib (what a plan may use) + the runtime allowance (the device server's own
+    memory, emulate.RUNTIME_ALLOWANCE_BYTES): using all of memory_gib is fine, going beyond the limit is killed."""
+    mib = 2**20
+    tb = make_testbed("pytest-mem", {"small": (None, 64 / 1024)})  # 64 MiB for the plan
     st = testbeds(tb)
+    dev = st["devices"]["small"]
+    limit = 64 * mib + emulate.RUNTIME_ALLOWANCE_BYTES
+    assert dev["memory_limit_bytes"] == limit == emulate.memory_limit_bytes(64 * mib)
+    assert dev["memory_allowance_bytes"] == emulate.RUNTIME_ALLOWANCE_BYTES
+    limit_file = "memory.limit_in_bytes" if st["cgroup_mode"] == "v1" else "memory.max"
+    assert int((Path(dev["cgroup_dirs"][-1]) / limit_file).read_text()) == limit
     alloc = "import sys; b = bytearray(int(sys.argv[1]) << 20); b[::4096] = b'x' * len(b[::4096]); print('ok')"
-    within = emulate.run_as(tb.name, "small", state_dir, [sys.executable, "-c", alloc, "16"],
+    within = emulate.run_as(tb.name, "small", state_dir, [sys.executable, "-c", alloc, "64"],  # all of memory_gib
                             stdout=subprocess.PIPE, text=True)
     assert within.communicate(timeout=60)[0].strip() == "ok" and within.returncode == 0
-    beyond = emulate.run_as(tb.name, "small", state_dir, [sys.executable, "-c", alloc, "256"],
+    beyond_mib = (limit >> 20) + 32
+    beyond = emulate.run_as(tb.name, "small", state_dir, [sys.executable, "-c", alloc, str(beyond_mib)],
                             stdout=subprocess.PIPE, text=True)
     beyond.communicate(timeout=60)
     assert beyond.returncode == -signal.SIGKILL
+    assert emulate.oom_kills(dev) == 1
     if st["cgroup_mode"] == "v1":
         mem_dir = Path(st["devices"]["small"]["cgroup_dirs"][1])
         assert "oom_kill 1" in (mem_dir / "memory.oom_control").read_text()
     else:
         events = (Path(st["devices"]["small"]["cgroup_dirs"][0]) / "memory.events").read_text()
         assert "oom_kill 1" in events
+    # the diagnosis the runtime adds to a device failure on an emulated testbed
+    why = emulate.device_failure(json.loads((state_dir / f"{tb.name}.json").read_text()), "small")
+    assert "OOM-killed" in why and "memory_gib 0.0625" in why and "runtime allowance" in why
+    assert emulate.device_failure({"mode": "local", "devices": {"small": dev}}, "small") is None
     # the device's server (same cgroup, smaller) survived, and so did this machine
     assert wait_healthy(tb.name, state_dir)["devices"]["small"]["healthy"]
+
+
+def test_assign_cpus_packs_throttled_devices():
+    got = emulate.assign_cpus({"src": 0.2, "m0": 0.35, "m1": 0.35, "cloud": 0.6, "full": None, "one": 1.0}, [0, 1])
+    assert got == {"cloud": 0, "m0": 1, "m1": 1, "src": 0, "full": None, "one": None}
+    assert emulate.assign_cpus({"a": 0.5}, [3]) == {"a": 3}
+
+
+@needs_emulation
+def test_throttled_device_is_pinned_with_an_idle_ballast(testbeds, state_dir):
+    tb = make_testbed("pytest-ballast", {"slow": (0.25, 0.25), "full": (None, 0.25)})
+    st = testbeds(tb)
+    slow, full = st["devices"]["slow"], st["devices"]["full"]
+    assert full["cpu"] is None and full["ballast_pid"] is None
+    cpu, ballast = slow["cpu"], slow["ballast_pid"]
+    assert cpu in os.sched_getaffinity(0) and alive(ballast)
+    assert os.sched_getaffinity(ballast) == {cpu} and os.sched_getaffinity(slow["pid"]) == {cpu}
+    assert os.sched_getscheduler(ballast) == os.SCHED_IDLE
+    assert str(ballast) in (Path(slow["cgroup_dirs"][0]) / "cgroup.procs").read_text().split()
+    # a process run as the device is pinned there too (else it would share the quota with the ballast)
+    show = "import os; print(sorted(os.sched_getaffinity(0)))"
+    p = emulate.run_as(tb.name, "slow", state_dir, [sys.executable, "-c", show], stdout=subprocess.PIPE, text=True)
+    assert json.loads(p.communicate(timeout=30)[0]) == [cpu]
+    emulate.down(tb.name, state_dir)
+    assert not alive(ballast)
+    assert leftovers(st["prefix"]) == {"netns": [], "links": [], "cgroups": []}
+
+
+# CPU-bound steps of STEP_CPU_S after idle gaps: what a device does in sequential mode (NOTES: ~45 ms token steps)
+STEP = textwrap.dedent("""
+    import json, sys, time
+    op, n, gap = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    out = []
+    for _ in range(n):
+        time.sleep(gap)
+        t, c = time.perf_counter(), time.process_time()
+        while time.process_time() - c < op:
+            pass
+        out.append((time.perf_counter() - t) / op)
+    print(json.dumps(out))
+""")
+
+
+@needs_emulation
+def test_compute_step_after_idle_runs_at_the_share(testbeds, state_dir):
+    """A throttled device that was idle must not run its next step at full speed (a bare CFS quota does: it starts
+    with a full quota, plus per-CPU slack and up to a 4 ms tick of overrun). With the idle ballast the mean
+    slowdown of a step after an idle gap is 1 / share within 15 %; a step that misses is measured again (at most
+    3 runs, the best counts) as the machine is shared."""
+    tb = make_testbed("pytest-steps", {"quarter": (0.25, 0.25), "half": (0.5, 0.25)})
+    testbeds(tb)
+    for name, share in (("quarter", 0.25), ("half", 0.5)):
+        runs = []
+        for _ in range(3):
+            p = emulate.run_as(tb.name, name, state_dir, [sys.executable, "-c", STEP, "0.03", "8", "0.05"],
+                               stdout=subprocess.PIPE, text=True)
+            steps = json.loads(p.communicate(timeout=60)[0])
+            runs.append(statistics.mean(steps))
+            if abs(runs[-1] * share - 1) <= 0.15:
+                break
+        best = min(runs, key=lambda x: abs(x * share - 1))
+        print(f"{name}: 30 ms CPU steps after 50 ms idle: mean slowdown {best:.2f} (1/share {1 / share:.2f}); "
+              f"runs {runs}")
+        assert abs(best * share - 1) <= 0.15
 
 
 @needs_emulation

@@ -554,6 +554,13 @@ class Node:
         def prof():
             from .. import model as M
 
+            # The profiler sizes its chunks to half the device's memory; a stage still loaded from a run would
+            # come on top (on an emulated device: an OOM kill). The next run's load_stage loads it again.
+            if self.stage is not None:
+                self.stage = self.stage_spec = None
+                self.seqs.clear()
+                import gc
+                gc.collect()
             st = M.StageModel(spec["model"], int(spec["start"]), int(spec["stop"]),
                               dtype=spec.get("dtype", "float32"), device=self.device, seed=int(spec.get("seed", 0)))
             try:
