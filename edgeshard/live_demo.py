@@ -16,7 +16,10 @@ from .costs import Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m"
-PROMPTS = ["The capital of France is", "Edge devices can run large language models by", "Once upon a time,"]
+PROMPTS = ["The capital of France is", "Edge devices can run large language models by", "Once upon a time,",
+           "The history of the city of Paris begins"]
+NEW_TOKENS = 24
+PROMPT_TOKENS = 8  # about the prompts' length in SmolLM2 tokens
 
 
 def pick_testbed() -> tuple[Path, bool]:
@@ -41,10 +44,12 @@ def main() -> int:
         for name, d in state["devices"].items():
             print(f"  {name:<10} {d['address']}:{d['port']}  healthy={d['healthy']}")
         print(f"\n== profiling {MODEL} on every device and link (cached per testbed and code version)")
-        pr = profiler.profile(tb, MODEL, state, repeats=3, progress=True)
+        # decode measured at the context the run sees on average (prompt + half the new tokens)
+        pr = profiler.profile(tb, MODEL, state, context_tokens=PROMPT_TOKENS + NEW_TOKENS // 2,
+                              prefill_tokens=PROMPT_TOKENS, repeats=3, progress=True)
         runs = ROOT / "runs"
         runs.mkdir(exist_ok=True)
-        wl = Workload(prompt_tokens=8, new_tokens=24)
+        wl = Workload(prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS)
         lat = planner.solve(tb, pr, "latency", wl)
         thr = planner.solve(tb, pr, "throughput", wl)
         print("\n== plans from the measured profile")
@@ -53,12 +58,14 @@ def main() -> int:
         print(summary(thr))
         print(planm.format_diff(lat, thr, "latency plan", "throughput plan"))
         print(f"\n== running {MODEL}: sequential with the latency plan ({len(lat.stages)} devices)")
-        res = runtime.run(tb, lat, MODEL, PROMPTS[:1], 24, mode="sequential", state=state, profile=pr,
+        runtime.run(tb, lat, MODEL, PROMPTS[:1], 4, state=state, write_run_dir=False)  # warm-up: first calls are slow
+        res = runtime.run(tb, lat, MODEL, PROMPTS[:1], NEW_TOKENS, mode="sequential", state=state, profile=pr,
                           runs_base=runs, command=["make", "demo"])
         _show(res, lat)
         print(f"\n== running {MODEL}: pipeline, {len(PROMPTS)} sequences in flight, throughput plan "
               f"({len(thr.stages)} devices)")
-        res = runtime.run(tb, thr, MODEL, PROMPTS, 24, mode="pipeline", state=state, profile=pr,
+        runtime.run(tb, thr, MODEL, PROMPTS[:1], 4, state=state, write_run_dir=False)
+        res = runtime.run(tb, thr, MODEL, PROMPTS, NEW_TOKENS, mode="pipeline", state=state, profile=pr,
                           runs_base=runs, command=["make", "demo"])
         _show(res, thr)
         out = report.render(res["run_dir"])
