@@ -33,18 +33,7 @@ LINKS = [("a", "b", 1), ("a", "c", 40), ("b", "a", 12), ("b", "c", 1000), ("c", 
 DEFAULT_MBIT = 80  # c -> b
 HEADER_FACTOR = 1448 / 1514  # TCP payload per Ethernet frame with timestamps: the best goodput can do
 
-STEP = r"""
-import json, sys, time
-op, n, gap = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-out = []
-for _ in range(n):
-    time.sleep(gap)
-    t, c = time.perf_counter(), time.process_time()
-    while time.process_time() - c < op:
-        pass
-    out.append((time.perf_counter() - t) / op)
-print(json.dumps(out))
-"""
+STEP = emulate.STEP_SCRIPT
 
 
 def main() -> int:

@@ -1030,6 +1030,22 @@ print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - 
 """
 
 
+# CPU-bound steps after idle gaps (argv: step CPU seconds, steps, gap seconds): what a device does in sequential
+# mode. Prints the JSON list of each step's slowdown, wall / CPU time (tests/test_emulate.py, bench/emulate_accuracy.py).
+STEP_SCRIPT = r"""
+import json, sys, time
+op, n, gap = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+out = []
+for _ in range(n):
+    time.sleep(gap)
+    t, c = time.perf_counter(), time.process_time()
+    while time.process_time() - c < op:
+        pass
+    out.append((time.perf_counter() - t) / op)
+print(json.dumps(out))
+"""
+
+
 def measure_compute(name: str, device: str, state_dir: Path, steps: int = 3_000_000,
                     timeout_s: float = 60.0) -> dict:
     """Run a fixed CPU-bound Python loop as `device`: {"wall": s, "cpu": s} of the loop alone."""

@@ -260,18 +260,7 @@ def test_throttled_device_is_pinned_with_an_idle_ballast(testbeds, state_dir):
 
 
 # CPU-bound steps of STEP_CPU_S after idle gaps: what a device does in sequential mode (NOTES: ~45 ms token steps)
-STEP = textwrap.dedent("""
-    import json, sys, time
-    op, n, gap = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    out = []
-    for _ in range(n):
-        time.sleep(gap)
-        t, c = time.perf_counter(), time.process_time()
-        while time.process_time() - c < op:
-            pass
-        out.append((time.perf_counter() - t) / op)
-    print(json.dumps(out))
-""")
+STEP = emulate.STEP_SCRIPT
 
 
 @needs_emulation

@@ -150,6 +150,16 @@ def server_handshake(sock: socket.socket, secret: bytes, purpose: bytes, timeout
         sock.settimeout(old)
 
 
+def _refusal_text(sock: socket.socket, first: bytes) -> str:
+    """What a refusing server said: the bytes already read plus whatever else it sent before closing."""
+    rest = b""
+    try:
+        rest = sock.recv(256)
+    except OSError:
+        pass
+    return (first + rest).decode(errors="replace").strip()
+
+
 def client_handshake(sock: socket.socket, secret: bytes, purpose: bytes, timeout: float = DEFAULT_TIMEOUT_S,
                      where: str = "server") -> None:
     """Prove the secret to the server and check the server's proof; AuthError with a clear reason otherwise."""
@@ -159,25 +169,14 @@ def client_handshake(sock: socket.socket, secret: bytes, purpose: bytes, timeout
         sock.sendall(CLIENT_HELLO)
         first = _recv_exact(sock, len(SERVER_HELLO))
         if first != SERVER_HELLO:
-            rest = b""
-            try:
-                rest = sock.recv(256)
-            except OSError:
-                pass
-            text = (first + rest).decode(errors="replace").strip()
-            raise AuthError(f"{where} refused the connection: {text!r}")
+            raise AuthError(f"{where} refused the connection: {_refusal_text(sock, first)!r}")
         sn = _recv_exact(sock, NONCE_BYTES)
         cn = secrets.token_bytes(NONCE_BYTES)
         sock.sendall(cn + _mac(secret, b"client", purpose, sn, cn))
         status = _recv_exact(sock, 1)
         if status != ACCEPTED:
-            rest = b""
-            try:
-                rest = sock.recv(256)
-            except OSError:
-                pass
-            text = (status + rest).decode(errors="replace").strip()
-            raise AuthError(f"{where} refused our token: {text!r} (do both sides use the same --token-file?)")
+            raise AuthError(f"{where} refused our token: {_refusal_text(sock, status)!r} "
+                            f"(do both sides use the same --token-file?)")
         smac = _recv_exact(sock, MAC_BYTES)
         if not hmac.compare_digest(smac, _mac(secret, b"server", purpose, sn, cn)):
             raise AuthError(f"{where} could not prove it holds the token: not our device server")
