@@ -807,15 +807,26 @@ def _wait_joined(dev: dict, device: str) -> None:
 
 
 def _wait_ballast(dev: dict, device: str) -> None:
-    """Wait (bounded) until the ballast is inside the device's CPU cgroup (then `down` finds it there)."""
+    """Wait (bounded) until the ballast is set up: inside the device's CPU cgroup (then `down` finds it there),
+    pinned and SCHED_IDLE (it does these in that order, so joining alone is not enough: `up` returning before the
+    policy change would let the ballast compete with the server as a normal task for a moment)."""
     pid = dev.get("ballast_pid")
     if not pid:
         return
     deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while pid not in _pids_in_cgroups([Path(dev["cgroup_dirs"][0])]):
+
+    def ready() -> bool:
+        if pid not in _pids_in_cgroups([Path(dev["cgroup_dirs"][0])]):
+            return False
+        try:
+            return os.sched_getscheduler(pid) == os.SCHED_IDLE
+        except OSError:
+            return False
+
+    while not ready():
         if not _alive(pid) or time.monotonic() > deadline:
             raise EmulationError(f"device {device!r}: its idle ballast (pid {pid}) did not join "
-                                 f"{dev['cgroup_dirs'][0]}")
+                                 f"{dev['cgroup_dirs'][0]} as an idle-policy task")
         time.sleep(POLL_S)
 
 
