@@ -80,7 +80,11 @@ def instances(draw):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inst=instances())
 def test_dp_matches_brute_force(objective, inst):
-    tb, pr, wl = inst
+    assert_matches_brute_force(*inst[:2], objective, inst[2])
+
+
+def assert_matches_brute_force(tb, pr, objective, wl):
+    """The DP's plan has brute force's optimum (and, for throughput, its least latency among optima)."""
     truth = brute_force(tb, pr, objective, wl)
     if truth is None:
         with pytest.raises(InfeasibleError):
@@ -89,7 +93,7 @@ def test_dp_matches_brute_force(objective, inst):
     plan = planner.solve(tb, pr, objective, wl)
     assert plan.feasible, plan.notes
     got = objective_value(plan.predicted, objective)
-    assert math.isclose(got, truth[0], rel_tol=1e-9, abs_tol=1e-12), (plan.stages, truth)
+    assert math.isclose(got, truth[0], rel_tol=1e-9, abs_tol=1e-12), (objective, plan.stages, truth)
     if objective == "throughput":  # ties broken by least latency, exactly
         assert math.isclose(plan.predicted["latency_s"], truth[1], rel_tol=1e-9, abs_tol=1e-12)
 
@@ -134,12 +138,4 @@ def test_dp_matches_brute_force_on_larger_instances(seed):
     assert [len(c) for c in planner.device_classes(CostModel(tb, pr))].count(2) == 1  # the twins form a class
     wl = Workload(16, 8)
     for objective in ("latency", "e2e", "throughput"):
-        truth = brute_force(tb, pr, objective, wl)
-        if truth is None:
-            with pytest.raises(InfeasibleError):
-                planner.solve(tb, pr, objective, wl)
-            continue
-        plan = planner.solve(tb, pr, objective, wl)
-        assert math.isclose(objective_value(plan.predicted, objective), truth[0], rel_tol=1e-9), (seed, objective)
-        if objective == "throughput":
-            assert math.isclose(plan.predicted["latency_s"], truth[1], rel_tol=1e-9)
+        assert_matches_brute_force(tb, pr, objective, wl)
