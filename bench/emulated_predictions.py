@@ -54,8 +54,8 @@ def scenarios() -> list[Path]:
     return sorted((ROOT / "testbed_configs").glob("emu-*.toml"))
 
 
-def workload() -> costs.Workload:
-    return costs.Workload(prompt_tokens=WORKLOAD_PROMPT_TOKENS, new_tokens=NEW_TOKENS)
+def workload(sequences: int = 1) -> costs.Workload:
+    return costs.Workload(prompt_tokens=WORKLOAD_PROMPT_TOKENS, new_tokens=NEW_TOKENS, sequences=sequences)
 
 
 # ----------------------------------------------------------------------------------------------- profile checks
@@ -219,11 +219,14 @@ def measure_scenario(path: Path, runs: int = 3, pipe_runs: int = 2, repeats: int
             pipe = measure_pipeline(tb, thr, state, pipe_runs)
             steady = statistics.median(r["steady_tokens_per_s"] for r in pipe)
             whole = statistics.median(r["tokens_per_s"] for r in pipe)
-            pt = thr.predicted["throughput_tokens_per_s"]
-            out["pipeline"] = {"stages": [[s.device, s.start, s.stop] for s in thr.stages],
-                               "sequences": SEQS_PER_STAGE * len(thr.stages),
+            n_seq = SEQS_PER_STAGE * len(thr.stages)
+            pt = costs.CostModel(tb, pr).evaluate(thr.stages, workload(n_seq))["pipeline_tokens_per_s"]
+            bn = thr.predicted["throughput_tokens_per_s"]
+            out["pipeline"] = {"stages": [[s.device, s.start, s.stop] for s in thr.stages], "sequences": n_seq,
                                "predicted_tokens_per_s": pt, "measured_tokens_per_s": steady,
                                "error": error(pt, steady), "whole_run_tokens_per_s": whole,
+                               "bottleneck_tokens_per_s": bn, "bottleneck_error": error(bn, steady),
+                               "step_overhead_ms": {n: c.step_overhead_s * 1e3 for n, c in pr.devices.items()},
                                "runs": pipe}
             out["runs_s"] = time.monotonic() - t0
             out["memory"] = memory_peaks(tb, state, [lat, thr])
@@ -237,14 +240,16 @@ def _stages(stages) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| scenario | plan (objective) | predicted | measured (median) | error |", "|---|---|---|---|---|"]
+    lines = ["| scenario | plan (objective) | predicted | measured (median) | error | 1/bottleneck (error) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         s, p = r["sequential"], r["pipeline"]
         lines.append(f"| {r['scenario']} | {_stages(s['stages'])} (latency; sequential, 1 sequence) | "
-                     f"{s['predicted_ms']:.1f} ms/token | {s['measured_ms']:.1f} ms/token | {s['error'] * 100:+.1f}% |")
+                     f"{s['predicted_ms']:.1f} ms/token | {s['measured_ms']:.1f} ms/token | {s['error'] * 100:+.1f}% | |")
         lines.append(f"| {r['scenario']} | {_stages(p['stages'])} (throughput; pipeline, {p['sequences']} sequences) | "
                      f"{p['predicted_tokens_per_s']:.1f} tokens/s | {p['measured_tokens_per_s']:.1f} tokens/s "
-                     f"(whole run {p['whole_run_tokens_per_s']:.1f}) | {p['error'] * 100:+.1f}% |")
+                     f"(whole run {p['whole_run_tokens_per_s']:.1f}) | {p['error'] * 100:+.1f}% | "
+                     f"{p['bottleneck_tokens_per_s']:.1f} ({p['bottleneck_error'] * 100:+.1f}%) |")
     return "\n".join(lines)
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from .errors import ConfigError, EdgeshardError
 
 
-def _workload(args):
+def _workload(args, testbed=None):
     from .costs import Workload
-    try:
-        return Workload(args.prompt_tokens, args.new_tokens)
+    try:  # sequences in flight: as many as the testbed reserves KV cache for, unless given
+        n = args.sequences if args.sequences is not None else (testbed.constraints.sequences if testbed else 1)
+        return Workload(args.prompt_tokens, args.new_tokens, n)
     except ValueError as e:
         raise ConfigError("command line", str(e)) from None
 
@@ -40,6 +41,9 @@ def summary(plan, testbed=None) -> str:
     lines.append(f"  return of the token id: {p['return_s'] * 1000:.3f} ms")
     lines.append(f"  latency {p['latency_s'] * 1000:.3f} ms/token | e2e {p['e2e_s']:.3f} s | bottleneck "
                  f"{p['bottleneck_s'] * 1000:.3f} ms -> {p['throughput_tokens_per_s']:.2f} tokens/s")
+    if "pipeline_tokens_per_s" in p:
+        lines.append(f"  pipeline with {p['sequences']} sequence(s) in flight: {p['pipeline_tokens_per_s']:.2f} tokens/s "
+                     "(closed-pipeline model, costs.closed_pipeline_rate)")
     for n in plan.notes:
         lines.append(f"  note: {n}")
     return "\n".join(lines)
@@ -53,12 +57,12 @@ def cmd_plan(args) -> int:
         from . import planner
         from .errors import InfeasibleError
         try:
-            plan = planner.solve(tb, pr, args.objective, _workload(args), explain=True)
+            plan = planner.solve(tb, pr, args.objective, _workload(args, tb), explain=True)
         except InfeasibleError as e:
             print(f"edgeshard: infeasible: {e}", file=sys.stderr)
             return 2
     else:
-        plan = baselines.plan_with(args.strategy, tb, pr, args.objective, _workload(args))
+        plan = baselines.plan_with(args.strategy, tb, pr, args.objective, _workload(args, tb))
     if args.strategy == "edgeshard" and not plan.feasible:
         print(f"edgeshard: {plan.notes[0]}", file=sys.stderr)
         return 2
@@ -81,7 +85,7 @@ def cmd_plan_diff(args) -> int:
 def cmd_compare(args) -> int:
     from . import compare, testbed as tbm
     tb = tbm.load(args.testbed)
-    rows = compare.sweep(tb, args.models, args.bandwidths, args.dtype, _workload(args), links=args.links)
+    rows = compare.sweep(tb, args.models, args.bandwidths, args.dtype, _workload(args, tb), links=args.links)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     def workload_flags(p):
         p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length P for the e2e cost (default 128)")
         p.add_argument("--new-tokens", type=int, default=128, help="generated tokens G for the e2e cost (default 128)")
+        p.add_argument("--sequences", type=int, default=None,
+                       help="sequences in flight for the pipeline prediction (default: the testbed's "
+                            "[constraints] sequences)")
 
     p = sub.add_parser("plan", help="the optimal plan (or a baseline's) for a testbed and profile")
     p.add_argument("testbed")

@@ -10,7 +10,12 @@ each device at most once, excluded devices unused, required devices used, at mos
 - latency (per generated token): sum of stage decode times + hops (T=1) + return.
 - e2e (P prompt tokens, G new tokens): sum of stage prefill_s_per_token * P + hops (T=P) + return
   + (G - 1) * latency.
-- throughput: bottleneck = max(stage decode times, hop times at T=1, return); throughput = 1 / bottleneck.
+- throughput: bottleneck = max(pipelined stage times, hop times at T=1, return); throughput = 1 / bottleneck,
+  where a stage's pipelined time is its decode time + the device's step_overhead_s (the runtime's own cost per
+  stage step: frame in, events, frame out; 0 unless profiled). A pipelined stage pays it every step, so it
+  bounds the rate. Latency and e2e do not add it: in a one-sequence run that cost sits between two stages, inside
+  the measured one-way link latency (the profiler times frames through the same receive and send paths), and
+  counting it there too would count it twice (docs/emulation.md has the measurements behind both).
 """
 
 from __future__ import annotations
@@ -31,12 +36,38 @@ TOKEN_ID_BYTES = 8  # the sampled token id returned to the source (int64)
 class Workload:
     prompt_tokens: int = 128
     new_tokens: int = 128
+    sequences: int = 1  # sequences in flight (pipeline mode): what pipeline_tokens_per_s is predicted for
 
     def __post_init__(self):
-        for key in ("prompt_tokens", "new_tokens"):
+        for key in ("prompt_tokens", "new_tokens", "sequences"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"workload {key} = {v!r} must be a positive integer (use --{key.replace('_', '-')} N)")
+
+
+def closed_pipeline_rate(service_s: list[float], delay_s: float, sequences: int) -> float:
+    """Steps per second of `sequences` sequences cycling through a pipeline (tokens/s: a cycle is a token).
+
+    The pipeline as a closed queueing network: each stage and each link's transmission is one server that takes
+    the given time per step (service_s), link latencies are pure delays (delay_s in all); each sequence has one
+    step in the ring at a time (its next step starts when its token is back). Exact mean value analysis for
+    exponential service times (Reiser & Lavenberg 1980): with n sequences, a step waits behind the queue it finds
+    there with n - 1, R_k(n) = S_k (1 + Q_k(n-1)); X(n) = n / (sum_k R_k(n) + delay); Q_k(n) = X(n) R_k(n).
+
+    Why not 1/bottleneck: with balanced stages, a stage's step time that varies (a CPU quota, the machine)
+    starves its neighbours now and then, so the bottleneck idles although many sequences are in flight:
+    measured on the emulated testbed, 4 balanced stages with 16 sequences were 82-89 % busy and ran 12-26 %
+    under 1/bottleneck (docs/emulation.md). X(n) tends to 1/max(S) as n grows and is 1/(sum S + delay), the
+    one-sequence latency, at n = 1.
+    """
+    queue = [0.0] * len(service_s)
+    rate = 0.0
+    for n in range(1, sequences + 1):
+        resid = [s * (1.0 + q) for s, q in zip(service_s, queue)]
+        total = sum(resid) + delay_s
+        rate = n / total if total > 0 else float("inf")
+        queue = [rate * r for r in resid]
+    return rate
 
 
 def _prefix(values) -> tuple[float, ...]:
@@ -63,6 +94,7 @@ class CostModel:
         self.activation = tuple(u.activation_bytes_per_token for u in units)
         self.decode_prefix = {d: _prefix(profile.devices[d].decode_s) for d in self.devices}
         self.prefill_prefix = {d: _prefix(profile.devices[d].prefill_s_per_token) for d in self.devices}
+        self.overhead = {d: profile.devices[d].step_overhead_s for d in self.devices}
         self.memory_limit = {d: testbed.usable_memory_bytes(d) for d in testbed.names}
         self._links = {}
         for a in testbed.names:
@@ -75,6 +107,11 @@ class CostModel:
     def decode(self, device: str, start: int, stop: int) -> float:
         p = self.decode_prefix[device]
         return p[stop] - p[start]
+
+    def pipelined(self, device: str, start: int, stop: int) -> float:
+        """A pipelined stage's time per step: decode + the device's step_overhead_s (the planner adds them in this
+        order, so both get the same float)."""
+        return self.decode(device, start, stop) + self.overhead[device]
 
     def prefill(self, device: str, start: int, stop: int) -> float:
         p = self.prefill_prefix[device]
@@ -145,18 +182,24 @@ class CostModel:
         per_stage = []
         latency = prefill_total = 0.0
         bottleneck = 0.0
+        servers, delay = [], 0.0  # the closed pipeline: stages and link transmissions; latencies
         for p, s in enumerate(stages):
             dec = self.decode(s.device, s.start, s.stop)
             pre = self.prefill(s.device, s.start, s.stop) * P
-            entry = {"device": s.device, "start": s.start, "stop": s.stop, "decode_s": dec,
+            piped = self.pipelined(s.device, s.start, s.stop)
+            entry = {"device": s.device, "start": s.start, "stop": s.stop, "decode_s": dec, "pipelined_s": piped,
                      "prefill_s": pre, "memory_bytes": self.memory(s.start, s.stop),
                      "memory_limit_bytes": self.memory_limit[s.device]}
             latency += dec
             prefill_total += pre
-            bottleneck = max(bottleneck, dec)
+            bottleneck = max(bottleneck, piped)
+            servers.append(piped)
             if p + 1 < len(stages):
                 nxt = stages[p + 1].device
                 h1 = self.hop(s.device, nxt, s.stop - 1, 1)
+                lat = self.link(s.device, nxt)[1]
+                servers.append(h1 - lat)
+                delay += lat
                 hp = self.hop(s.device, nxt, s.stop - 1, P)
                 entry["hop_s"], entry["hop_prefill_s"] = h1, hp
                 latency += h1
@@ -164,6 +207,10 @@ class CostModel:
                 bottleneck = max(bottleneck, h1)
             per_stage.append(entry)
         r = self.ret(stages[-1].device)
+        if r:
+            lat = self.link(stages[-1].device, self.source)[1]
+            servers.append(r - lat)
+            delay += lat
         latency += r
         prefill_total += r
         bottleneck = max(bottleneck, r)
@@ -173,6 +220,8 @@ class CostModel:
             "prefill_s": prefill_total,
             "bottleneck_s": bottleneck,
             "throughput_tokens_per_s": (1.0 / bottleneck) if bottleneck > 0 else float("inf"),
+            "sequences": workload.sequences,
+            "pipeline_tokens_per_s": closed_pipeline_rate(servers, delay, workload.sequences),
             "return_s": r,
             "stages": per_stage,
         }

@@ -53,7 +53,7 @@ def device_classes(cm: CostModel) -> list[tuple[str, ...]]:
     def base(d):
         if d == cm.source:
             return (0,)
-        return (1, cm.decode_prefix[d], cm.prefill_prefix[d], cm.memory_limit[d])
+        return (1, cm.decode_prefix[d], cm.prefill_prefix[d], cm.overhead[d], cm.memory_limit[d])
 
     groups: dict = {}
     for d in devs:
@@ -109,6 +109,7 @@ class _Tables:
     most: int  # at most this many non-source stages (max_stages - 1, or N - 1)
     stage_pre: np.ndarray  # (K, N+1) prefix sums of the per-unit stage cost
     decode_pre: np.ndarray  # (K, N+1) prefix sums of decode time (for the throughput mask)
+    overhead: np.ndarray  # (K,) step_overhead_s: a pipelined stage costs decode + overhead (costs.pipelined)
     lo: np.ndarray  # (K, N+1) first start i whose stage [i, j) fits memory
     hop: np.ndarray  # (K, K, N) cost k -> m after unit u (inf where no such pair exists)
     hop1: np.ndarray  # (K, K, N) decode hop (T = 1)
@@ -158,7 +159,8 @@ def _tables(cm: CostModel, objective: str, workload: Workload) -> _Tables:
             hop[k, m] = (P * act / bw + lat) + (G - 1) * hop1[k, m] if objective == "e2e" else hop1[k, m]
     ret1 = np.array([cm.ret(d) for d in rep])
     ret = G * ret1 if objective == "e2e" else ret1
-    return _Tables(classes, caps, req, strides, S, most, stage_pre, decode_pre, lo, hop, hop1, ret, ret1)
+    overhead = np.array([cm.overhead[d] for d in rep], dtype=np.float64)
+    return _Tables(classes, caps, req, strides, S, most, stage_pre, decode_pre, overhead, lo, hop, hop1, ret, ret1)
 
 
 def _counts(t: _Tables) -> np.ndarray:
@@ -171,8 +173,9 @@ def _counts(t: _Tables) -> np.ndarray:
 
 
 def _dp(t: _Tables, mode: str, bound: float | None = None):
-    """Run the table DP. mode "sum" or "max". bound: drop stages (by decode time), hops (T=1) and returns
-    slower than it (the throughput tie-break pass). Returns (value, last class, count index, parents)."""
+    """Run the table DP. mode "sum" or "max". "max" is the bottleneck: a stage there costs its pipelined time,
+    decode + the device's step overhead. bound: drop stages (by pipelined time), hops (T=1) and returns slower
+    than it (the throughput tie-break pass). Returns (value, last class, count index, parents)."""
     K, N1 = len(t.classes), t.stage_pre.shape[1]
     N, S = N1 - 1, t.S
     comb = np.add if mode == "sum" else np.maximum
@@ -189,7 +192,9 @@ def _dp(t: _Tables, mode: str, bound: float | None = None):
         if t.lo[0, j] > 0:
             continue
         cost = t.stage_pre[0, j] - t.stage_pre[0, 0]
-        if bound is not None and t.decode_pre[0, j] - t.decode_pre[0, 0] > bound:
+        if mode == "max":
+            cost = cost + t.overhead[0]
+        if bound is not None and (t.decode_pre[0, j] - t.decode_pre[0, 0]) + t.overhead[0] > bound:
             continue
         V[j, 0, 0] = cost
     for j in range(1, N1):
@@ -211,8 +216,10 @@ def _dp(t: _Tables, mode: str, bound: float | None = None):
                 continue
             block = IN[m, lo:j]  # (j - lo, S)
             stage = t.stage_pre[m, j] - t.stage_pre[m, lo:j]  # (j - lo,)
+            if mode == "max":
+                stage = stage + t.overhead[m]
             if bound is not None:
-                stage = np.where(t.decode_pre[m, j] - t.decode_pre[m, lo:j] <= bound, stage, INF)
+                stage = np.where((t.decode_pre[m, j] - t.decode_pre[m, lo:j]) + t.overhead[m] <= bound, stage, INF)
             cand = comb(block, stage[:, None])
             V[j, m] = cand.min(axis=0)
             par_i[j, m] = cand.argmin(axis=0) + lo
@@ -354,7 +361,8 @@ def make_plan(cm: CostModel, stages, objective: str, strategy: str, workload: Wo
         notes += tuple(f"{d}: unused, no plan using it has a lower {objective} cost"
                        for d in cm.devices if d not in used and strategy == "edgeshard")
     return Plan(objective, strategy, stages, predicted, cm.profile.model, cm.testbed.name,
-                {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens}, notes, not bad)
+                {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens,
+                 "sequences": workload.sequences}, notes, not bad)
 
 
 def cost(plan: Plan) -> float:

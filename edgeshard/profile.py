@@ -3,7 +3,8 @@
 JSON format (docs/formats.md):
   {"schema": 1, "model": str, "dtype": str,
    "units": [{"name", "weight_bytes", "activation_bytes_per_token", "kv_bytes_per_token"}, ...],   # N units
-   "devices": {name: {"decode_s": [N floats], "prefill_s_per_token": [N floats]}},
+   "devices": {name: {"decode_s": [N floats], "prefill_s_per_token": [N floats],
+                      "step_overhead_s": float}},                  # step_overhead_s optional, default 0
    "links": [{"src", "dst", "bandwidth_mbit_s", "latency_ms"}, ...],      # optional, override the testbed
    "provenance": {...}}                                                      # free-form: how it was made
 """
@@ -21,7 +22,7 @@ from .testbed import MBIT_S, Link
 SCHEMA = 1
 TOP_KEYS = {"schema", "model", "dtype", "units", "devices", "links", "provenance"}
 UNIT_KEYS = {"name", "weight_bytes", "activation_bytes_per_token", "kv_bytes_per_token"}
-DEVICE_KEYS = {"decode_s", "prefill_s_per_token", "context_tokens", "memory_bytes"}
+DEVICE_KEYS = {"decode_s", "prefill_s_per_token", "step_overhead_s", "context_tokens", "memory_bytes"}
 LINK_KEYS = {"src", "dst", "bandwidth_mbit_s", "latency_ms"}
 
 
@@ -41,6 +42,11 @@ class DeviceCosts:
     prefill_s_per_token: tuple[float, ...]  # per unit: prompt processing time divided by prompt length
     context_tokens: int | None = None  # context length at which decode_s was measured
     memory_bytes: int | None = None  # usable memory the device reported (informational)
+    # The runtime's own cost of one stage step on this device, beyond the forward pass of its units: receiving
+    # and parsing the activation frame, the step's events, sending the result (profiler.measure_step). A pipeline
+    # stage pays it every step, so it counts in the bottleneck (costs.CostModel.pipelined); 0 for synthetic
+    # profiles and profiles made before it was measured.
+    step_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ def _device_dict(c: DeviceCosts) -> dict:
         out["context_tokens"] = c.context_tokens
     if c.memory_bytes is not None:
         out["memory_bytes"] = c.memory_bytes
+    if c.step_overhead_s:
+        out["step_overhead_s"] = c.step_overhead_s
     return out
 
 
@@ -163,7 +171,8 @@ def from_dict(raw: dict, where: str = "<profile>") -> Profile:
         mem = d.get("memory_bytes")
         devices[name] = DeviceCosts(lists[0], lists[1],
                                     None if ctx is None else _nonneg(w, "context_tokens", ctx, integer=True),
-                                    None if mem is None else _nonneg(w, "memory_bytes", mem, integer=True))
+                                    None if mem is None else _nonneg(w, "memory_bytes", mem, integer=True),
+                                    float(_nonneg(w, "step_overhead_s", d.get("step_overhead_s", 0.0))))
     links = []
     for i, lk in enumerate(raw.get("links", [])):
         w = f"{where}: links[{i}]"

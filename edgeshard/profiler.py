@@ -8,6 +8,10 @@
 - Per ordered device pair (a, b): device a probes b over the data plane, through the shaping the runtime
   applies (wire.Link): latency from small PING frames (one-way from timestamps when both devices share a clock,
   else half the round trip), bandwidth from a burst of 64 KiB frames timed at the receiver.
+- Per device: the runtime's own cost per stage step beyond the forward pass (step_overhead_s: frame receive and
+  parse, the step's events, the send), from a ring of activation frames through the device's own data path
+  with an identity stage (service.Node.measure_step), events pushed to the profiler as in a run. The planner's
+  throughput objective adds it to every pipelined stage (costs.py).
 - Unit sizes (weights, activation and KV bytes per token) come from the catalog's exact architecture numbers.
 
 Caching: the finished profile is stored under cache_dir (default $EDGESHARD_HOME/profiles or
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -32,7 +37,13 @@ from .device import wire
 from .profile import DeviceCosts, Link, Profile
 from .runtime import _address, _token_file, _version, environment, shaping_for
 
-SCHEME = 2  # bump when what a measurement means changes (2: CPU units = CPU time x slowdown, model.unit_timings)
+SCHEME = 3  # bump when what a measurement means changes (2: CPU units = CPU time x slowdown, model.unit_timings;
+#            3: + step_overhead_s per device)
+# The step probe (measure_step): steps timed after a warm-up, frames in flight so the device never waits (more
+# than the delay thread's latency / step time), and the delay on its self-link: any delay sends through the
+# shaped path's thread, as a run's delayed links do; its length only has to stay under in_flight x a step.
+STEP_PROBE_STEPS, STEP_PROBE_WARMUP, STEP_PROBE_IN_FLIGHT = 200, 20, 8
+STEP_PROBE_MAX_LATENCY_S = 0.001
 _CODE_FILES = ("model.py", "profiler.py", "device/service.py", "device/wire.py")
 
 
@@ -159,13 +170,14 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
             mem = tb.device(n).memory_bytes
             plan_chunks[n] = _chunks(units, min(mem, infos[n].get("detected_memory_bytes") or mem))
         pairs = [(a, b) for a in names for b in names if a != b]
-        total = sum(len(c) for c in plan_chunks.values()) + len(pairs)
+        total = sum(len(c) for c in plan_chunks.values()) + len(names) + len(pairs)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc=f"profile {model} on {tb.name}", unit="step")
         decode = {n: [None] * len(units) for n in names}
+        slowdown = {n: [] for n in names}  # wall / CPU time of each chunk's back-to-back passes (model.unit_timings)
         prefill = {n: [None] * len(units) for n in names}
         for n in names:
             for a, b in plan_chunks[n]:
@@ -176,11 +188,36 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
                         bar.set_postfix_str(f"{n} units [{a}, {b})")
                     r = clients[n].profile_units(model, a, b, dtype, context_tokens, prefill_tokens, repeats)
                     rec = partial.add(rid, {"device": n, "start": a, "stop": b, "result": r})
+                slowdown[n].append(rec["result"].get("slowdown", 1.0))
                 for i, u in enumerate(range(a, b)):
                     decode[n][u] = rec["result"]["decode_s"][i]
                     prefill[n][u] = rec["result"]["prefill_s_per_token"][i]
                 if bar:
                     bar.update(1)
+        step = {}
+        act_bytes = max(u.activation_bytes_per_token for u in units)
+        for n in names:
+            rid = f"step:{n}"
+            rec = partial.done.get(rid)
+            if rec is None:
+                if bar:
+                    bar.set_postfix_str(f"{n} step overhead")
+                delays = [s["latency_s"] for s in shaping_for(state, n).values() if s.get("latency_s")]
+                lat = min(min(delays), STEP_PROBE_MAX_LATENCY_S) if delays else 0.0
+                events = clients[n].subscribe(lambda conn, f: None)  # pushed to us, as to a run's controller
+                try:
+                    r = clients[n].measure_step(act_bytes, lat, STEP_PROBE_STEPS, STEP_PROBE_WARMUP,
+                                                STEP_PROBE_IN_FLIGHT)
+                finally:
+                    events.close()
+                rec = partial.add(rid, {"device": n, "result": r})
+            # as the units: on the CPU, CPU time x the device's slowdown (the probe's few ms of CPU fit into one
+            # quota period, so its wall time would miss the throttling); elsewhere its wall time
+            r = rec["result"]
+            on_cpu = infos[n].get("device", "cpu") == "cpu"
+            step[n] = r["cpu_per_step_s"] * statistics.median(slowdown[n]) if on_cpu else r["step_s"]
+            if bar:
+                bar.update(1)
         same_clock = {n: infos[n].get("boot_id") for n in names}
         links, raw_links = [], {}
         for a, b in pairs:
@@ -205,7 +242,7 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
         if bar:
             bar.close()
         dev_costs = {n: DeviceCosts(tuple(decode[n]), tuple(prefill[n]), context_tokens,
-                                    infos[n].get("memory_bytes")) for n in names}
+                                    infos[n].get("memory_bytes"), step[n]) for n in names}
         env = environment()
         prov = {
             "method": "measured", "tool": "edgeshard.profiler", "scheme": SCHEME, "code_version": code_version(),
@@ -216,6 +253,12 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
             "unit_sizes": f"edgeshard.catalog ({spec.source or spec.name})",
             "compute": "model.unit_timings on each device (CPU: median CPU time per unit x the device's wall/CPU "
                        "slowdown; CUDA: median wall time; one device at a time)",
+            "step_overhead": "service.Node.measure_step on each device: a ring of "
+                             f"{STEP_PROBE_IN_FLIGHT} activation frames through its own data path with an identity "
+                             f"stage, {STEP_PROBE_STEPS} steps after {STEP_PROBE_WARMUP}, events subscribed; CPU: "
+                             "process CPU time per step x the device's median slowdown of its unit passes; "
+                             "CUDA: wall time per step",
+            "step_measurements": {n: partial.done[f"step:{n}"]["result"] for n in names},
             "links": "measured by the source device of each pair over the data plane, through its shaping",
             "testbed": tb.name, "testbed_mode": (state or {}).get("mode"),
             "link_enforcement": {f"{lk['src']}->{lk['dst']}": {"bandwidth_by": lk.get("bandwidth_by"),

@@ -20,6 +20,7 @@ from bokeh.models import Div, InlineStyleSheet, TabPanel, Tabs
 from bokeh.resources import INLINE
 
 from . import plots
+from .costs import CostModel, Workload
 
 WIDTH = 1000
 CSS = """
@@ -246,10 +247,19 @@ def _predicted_vs_measured(run: _Run) -> str:
         add("per-token latency p50", lat, p50)
         add("per-token latency p95", lat, _stat(summary, "token_latency_s", "p95"))
     pipelined = mode == "pipeline"
+    measured_tps = summary.get("tokens_per_s") if isinstance(summary.get("tokens_per_s"), (int, float)) else None
     add("tokens/s" + (" (pipeline: predicted = 1 / bottleneck)" if pipelined else " (sequential: predicted = 1 / latency)"),
-        pred.get("throughput_tokens_per_s") if pipelined else (1 / lat if lat else None),
-        summary.get("tokens_per_s") if isinstance(summary.get("tokens_per_s"), (int, float)) else None,
+        pred.get("throughput_tokens_per_s") if pipelined else (1 / lat if lat else None), measured_tps,
         unit="tokens/s", scale=1.0)
+    n_seq = len(params.get("prompts") or [])
+    if pipelined and n_seq and pred and run.testbed is not None and run.profile is not None:
+        # the plan's closed-pipeline prediction for as many sequences in flight as this run had
+        wl = run.plan.workload or {}
+        cm = CostModel(run.testbed, run.profile)
+        piped = cm.evaluate(run.plan.stages, Workload(int(wl.get("prompt_tokens", 128)),
+                                                      int(wl.get("new_tokens", 128)), n_seq), check=False)
+        add(f"tokens/s (pipeline: predicted for {n_seq} sequences in flight, costs.closed_pipeline_rate)",
+            piped["pipeline_tokens_per_s"], measured_tps, unit="tokens/s", scale=1.0)
     add(f"first token (predicted: prefill of the plan's {run.plan.workload.get('prompt_tokens', '?') if run.plan else '?'}"
         "-token workload)", pred.get("prefill_s"), _stat(summary, "first_token_latency_s", "p50"))
     cols = [("quantity", "quantity"), ("predicted", "predicted", ".4g"), ("measured", "measured", ".4g"), ("unit", "unit"),
@@ -295,9 +305,9 @@ def _testbed_html(tb) -> str:
 def _baselines(run: _Run, profile, label: str):
     """Comparison table, bars and one diff per baseline against the run's plan."""
     from . import baselines
-    from .costs import Workload
+
     w = run.plan.workload or {}
-    workload = Workload(int(w.get("prompt_tokens", 128)), int(w.get("new_tokens", 128)))
+    workload = Workload(int(w.get("prompt_tokens", 128)), int(w.get("new_tokens", 128)), int(w.get("sequences", 1)))
     plans = baselines.plan_all(run.testbed, profile, run.plan.objective, workload)
     items = [_h2(f"Plan against baselines ({run.plan.objective}, {label})",
                  comparison_html(plans) + '<p class="note">run = the plan this run executed; the table recomputes '

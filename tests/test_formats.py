@@ -109,6 +109,14 @@ def test_profile_round_trip_and_strictness(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'flops'"):
         prof.from_dict(raw, "p.json")
     raw = json.loads(path.read_text())
+    raw["devices"]["a"]["step_overhead_s"] = -0.001
+    with pytest.raises(ConfigError, match=r"devices\.a: step_overhead_s = -0.001 is not a non-negative number"):
+        prof.from_dict(raw, "p.json")
+    raw["devices"]["a"]["step_overhead_s"] = 0.002  # optional, default 0; kept on a round trip
+    with_step = prof.from_dict(raw, "p.json")
+    assert with_step.devices["a"].step_overhead_s == 0.002 and with_step.devices["b"].step_overhead_s == 0.0
+    assert prof.from_dict(json.loads(with_step.dumps()), "again.json") == with_step
+    raw = json.loads(path.read_text())
     raw["schema"] = 7
     with pytest.raises(ConfigError, match="schema = 7"):
         prof.from_dict(raw, "p.json")

@@ -47,14 +47,17 @@ def instances(draw):
     twin = draw(st.booleans())  # make devices 1.. identical sometimes, to exercise the classes
     base_t = [draw(st.integers(1, 20)) / 1000 for _ in range(n_units)]
     base_mem = draw(st.integers(1, 8)) / 4
+    overheads = st.sampled_from([0.0, 0.0, 0.003, 0.011])  # step_overhead_s: often none, else small or large
+    base_ov = draw(overheads)
     for i, n in enumerate(names):
         if twin and i >= 1:
-            t, mem = base_t, base_mem
+            t, mem, ov = base_t, base_mem, base_ov
         else:
             t = [draw(st.integers(1, 20)) / 1000 for _ in range(n_units)]
             mem = draw(st.integers(1, 8)) / 4
+            ov = draw(overheads)
         pre = [x / draw(st.sampled_from([4, 16])) for x in t]
-        costs[n] = DeviceCosts(tuple(t), tuple(pre))
+        costs[n] = DeviceCosts(tuple(t), tuple(pre), step_overhead_s=ov)
         devices.append(Device(n, int(mem * GIB)))
     links = []
     uniform = draw(st.booleans())
@@ -109,6 +112,9 @@ def test_identical_devices_form_one_class_and_different_links_split_it():
     assert planner.device_classes(CostModel(tb2, pr)) == [("s",), ("a", "c"), ("b",)]
     tb3 = tb.with_link("a", "b", bandwidth_mbit_s=5)  # a and b share a slow link: a pair class, c alone
     assert planner.device_classes(CostModel(tb3, pr)) == [("s",), ("a", "b"), ("c",)]
+    slow_step = Profile("m", "float32", units, {**costs, "c": DeviceCosts((0.01,) * 4, (0.001,) * 4,
+                                                                      step_overhead_s=0.002)})
+    assert planner.device_classes(CostModel(tb, slow_step)) == [("s",), ("a", "b"), ("c",)]
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -124,7 +130,8 @@ def test_dp_matches_brute_force_on_larger_instances(seed):
     costs, devices = {}, []
     for i, n in enumerate(names):
         t = twin_t if i in (3, 4) else [rng.randint(1, 20) / 1000 for _ in range(n_units)]
-        costs[n] = DeviceCosts(tuple(t), tuple(x / 8 for x in t))
+        ov = 0.004 if i in (3, 4) else rng.choice([0.0, 0.002, 0.009])
+        costs[n] = DeviceCosts(tuple(t), tuple(x / 8 for x in t), step_overhead_s=ov)
         devices.append(Device(n, int((1.5 if i in (3, 4) else rng.randint(2, 8) / 4) * GIB)))
     links = [Link(a, b, rng.choice([1, 10, 100]) * MBIT_S, rng.randint(0, 3) / 1000)
              for a in names for b in names if a != b and {a, b} != {"d3", "d4"} and not {a, b} & {"d3", "d4"}]

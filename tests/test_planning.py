@@ -1,6 +1,7 @@
 """Cost model by hand, baselines, infeasibility messages, the planning CLI, compare, and import layering."""
 
 import json
+import dataclasses
 import math
 import subprocess
 import sys
@@ -56,6 +57,25 @@ def test_cost_model_by_hand():
     assert math.isclose(p["throughput_tokens_per_s"], 1 / p["bottleneck_s"])
     # KV reserve counts: 1024 tokens x 1 sequence x 1 KiB on the layer
     assert p["stages"][1]["memory_bytes"] == 2 * 2**28 + 1024 * 2**10
+
+
+def test_step_overhead_counts_in_the_bottleneck_only():
+    """A device's step_overhead_s is paid by its pipelined stage every step: it raises the bottleneck (and can move
+    the throughput plan) but not latency or e2e (there it is inside the measured link latency; costs.py)."""
+    tb, pr = hand_case()
+    slow = dataclasses.replace(pr, devices={**pr.devices, "c": dataclasses.replace(pr.devices["c"],
+                                                                                   step_overhead_s=0.008)})
+    stages = [Stage("s", 0, 1), Stage("c", 1, 3)]
+    wl = Workload(prompt_tokens=10, new_tokens=5)
+    a, b = CostModel(tb, pr).evaluate(stages, wl), CostModel(tb, slow).evaluate(stages, wl)
+    assert (b["latency_s"], b["e2e_s"]) == (a["latency_s"], a["e2e_s"])
+    assert b["stages"][1]["pipelined_s"] == 0.005 + 0.008 and math.isclose(b["bottleneck_s"], 0.013)
+    # the throughput plan moves: with it c[1, 3) takes 13 ms a step, s[0, 2) + c[2, 3) only max(11, 11) ms
+    assert [(x.device, x.start, x.stop) for x in planner.solve(tb, pr, "throughput", wl).stages] == \
+        [("s", 0, 1), ("c", 1, 3)]
+    assert [(x.device, x.start, x.stop) for x in planner.solve(tb, slow, "throughput", wl).stages] == \
+        [("s", 0, 2), ("c", 2, 3)]
+    assert planner.solve(tb, slow, "latency", wl).stages == planner.solve(tb, pr, "latency", wl).stages
 
 
 def test_evaluator_names_every_broken_rule():
@@ -169,3 +189,29 @@ def test_explain_unused_devices_with_the_exact_cost_of_one_more():
     forced = planner.solve(tb.with_constraints(require=("nx-1",)), pr, "latency")
     assert f"{(forced.predicted['latency_s'] - plan.predicted['latency_s']) * 1000:+.3f} ms/token" in note
     assert "nx-1" in {s.device for s in forced.stages}
+
+
+def test_closed_pipeline_rate_against_closed_forms():
+    """Mean value analysis checked where the answer is known: one sequence is one round trip; K balanced
+    exponential stations with N sequences give N / (N + K - 1) of their rate (product form); many sequences
+    approach 1 / bottleneck from below; more sequences never lower the rate."""
+    from edgeshard.costs import closed_pipeline_rate as rate
+
+    assert math.isclose(rate([0.01, 0.02, 0.005], 0.03, 1), 1 / (0.01 + 0.02 + 0.005 + 0.03))
+    for k, n in [(2, 1), (3, 5), (4, 16)]:
+        assert math.isclose(rate([0.027] * k, 0.0, n), n / (n + k - 1) / 0.027)
+    seq = [rate([0.01, 0.025, 0.02], 0.05, n) for n in range(1, 400)]
+    assert all(b >= a * (1 - 1e-12) for a, b in zip(seq, seq[1:]))  # up to rounding once saturated
+    assert seq[9] < seq[29] < 1 / 0.025 and math.isclose(seq[-1], 1 / 0.025, rel_tol=1e-9)
+
+
+def test_plan_predicts_the_pipeline_for_its_sequences_in_flight():
+    tb, pr = hand_case()
+    cm = CostModel(tb, pr)
+    stages = [Stage("s", 0, 1), Stage("c", 1, 3)]
+    one = cm.evaluate(stages, Workload(10, 5, sequences=1))
+    assert one["sequences"] == 1 and math.isclose(one["pipeline_tokens_per_s"], 1 / one["latency_s"])
+    many = cm.evaluate(stages, Workload(10, 5, sequences=64))["pipeline_tokens_per_s"]
+    assert one["pipeline_tokens_per_s"] < many <= one["throughput_tokens_per_s"]
+    with pytest.raises(ValueError, match="sequences = 0"):
+        Workload(10, 5, sequences=0)

@@ -62,6 +62,10 @@ def test_profile_measures_units_and_links(up, monkeypatch):
     assert 0.0005 <= ba.latency_s < 0.004  # the default link: 0.5 ms
     prov = pr.provenance
     assert prov["method"] == "measured" and not prov["cache"]["hit"]
+    for name, c in pr.devices.items():  # the step probe ran its steps on each device; a step costs something
+        m = prov["step_measurements"][name]
+        assert m["steps"] == profiler.STEP_PROBE_STEPS and m["cpu_per_step_s"] > 0, m
+        assert 0 < c.step_overhead_s < 0.05, (name, c.step_overhead_s)
     assert prov["link_measurements"]["a->b"]["latency_from"] == "one_way"
     assert prov["parameters"]["repeats"] == 2
     # the planner accepts it
@@ -103,11 +107,13 @@ def test_profile_resumes_after_a_crash(up, monkeypatch):
     partial = list(cache.glob("*.partial.jsonl"))
     assert len(partial) == 1
     recs = [json.loads(x) for x in partial[0].read_text().splitlines()]
-    assert {r["id"].split(":")[0] for r in recs} == {"units", "link"} and len(recs) == 3
+    # per device one chunk of units and the step probe, then the first link before the crash
+    assert sorted(r["id"].split(":")[0] for r in recs) == ["link", "step", "step", "units", "units"]
     units_before = n["units"]
+    monkeypatch.setattr(DeviceClient, "measure_step", lambda *a, **k: pytest.fail("step measured twice"))
     pr = profiler.profile(tb, "tiny-llama", state, **kw)
     assert n["units"] == units_before  # nothing measured twice
-    assert pr.provenance["cache"]["resumed_measurements"] == 3
+    assert pr.provenance["cache"]["resumed_measurements"] == 5
     assert not list(cache.glob("*.partial.jsonl"))
 
 

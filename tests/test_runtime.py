@@ -124,6 +124,28 @@ def test_pipeline_overlaps_sequences(testbed, tmp_path):
     assert any(s != 0 and st < first_done for st, _, s in comp)  # no sequence waits for seq 0 to finish
 
 
+def test_step_probe_runs_its_steps_stops_and_leaves_the_device_usable(testbed):
+    """measure_step (the profiler's step_overhead_s) is a ring through the device's own data path: it runs
+    exactly warmup + steps computes, nothing keeps circulating after it returns, and a run afterwards is lossless."""
+    from edgeshard.device import auth
+    from edgeshard.device.client import DeviceClient
+
+    tb, state, _ = testbed
+    dev = state["devices"]["d1"]
+    with DeviceClient("d1", dev["address"], dev["port"], auth.load_secret(state["token_file"])) as c:
+        before = c.stats()["counters"]
+        m = c.measure_step(576 * 4, latency_s=0.0005, steps=50, warmup=10, in_flight=4)
+        after = c.stats()["counters"]
+        time.sleep(0.3)
+        later = c.stats()["counters"]
+    assert m["steps"] == 50 and 0 < m["cpu_per_step_s"] and 0 < m["step_s"] < 0.05, m
+    assert after["computes"] - before["computes"] == 60
+    assert later == after, "frames still circulate after the probe"
+    res = runtime.run(tb, make_plan([0, 2, 4, 6], "tiny-llama"), "tiny-llama", PROMPTS, 4, mode="pipeline",
+                      state=state, write_run_dir=False, debug_logits=True)
+    check_lossless(res, "tiny-llama", PROMPTS, 4)
+
+
 def test_run_folder(testbed, tmp_path):
     tb, state, d = testbed
     seen = []

@@ -113,6 +113,13 @@ class DeviceClient:
         spec = {"dst": dst, "host": host, "port": int(port), "pings": pings, "target_s": target_s}
         return self._json("measure_link", json.dumps(spec), timeout=timeout)
 
+    def measure_step(self, activation_bytes: int, latency_s: float = 0.0, steps: int = 200, warmup: int = 20,
+                     in_flight: int = 8, timeout: float = 600.0) -> dict:
+        """The runtime's cost per stage step beyond the forward pass (service.Node.measure_step)."""
+        spec = {"activation_bytes": int(activation_bytes), "latency_s": latency_s, "steps": steps, "warmup": warmup,
+                "in_flight": in_flight, "timeout_s": timeout}
+        return self._json("measure_step", json.dumps(spec), timeout=timeout + 30)
+
     def set_links(self, links: dict) -> None:
         self.call("set_links", json.dumps(links))
 

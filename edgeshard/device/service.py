@@ -54,6 +54,7 @@ PROTOCOL_CONFIG = {
 EVENT_BACKLOG = 500_000  # events kept while no controller is subscribed
 PROBE_FRAME_BYTES = 1 << 16
 FLUSH_S = 0.02  # events are pushed to the controller in batches at most this old
+STEP_PROBE_PEER = "\x00step-probe"  # measure_step's ring: this device as its own next stage (no device has this name)
 log = logging.getLogger("edgeshard.serve")
 
 
@@ -238,7 +239,7 @@ class Node:
         link.configure(s.get("bandwidth_bytes_s"), s.get("latency_s", 0.0))
         return link
 
-    def _send(self, dst: str, kind: int, seq: int, step: int, position: int, tensor) -> None:
+    def _send(self, dst: str, kind: int, seq: int, step: int, position: int, tensor, epoch: int) -> None:
         link = self.out.get(dst)
         if link is None:
             raise RuntimeError(f"device {self.name!r} has no data link to {dst!r} (configure first)")
@@ -253,7 +254,7 @@ class Node:
             self.emit(ev)
 
         self.counters["frames_out"] += 1
-        link.send(kind, seq, position, step, payload, code, shape, flags=self.epoch, done=done)
+        link.send(kind, seq, position, step, payload, code, shape, flags=epoch, done=done)
 
     # ------------------------------------------------------------------ compute
     def _error(self, seq, e: BaseException) -> None:
@@ -349,7 +350,7 @@ class Node:
 
     def _compute(self, seq: int, step: int, position: int, x) -> None:
         """Run this stage on x, then pass the result on (next stage, or sample and return the token)."""
-        cfg = self.cfg
+        cfg, epoch = self.cfg, self.epoch  # what this step sends belongs to the epoch it started in
         if self.stage is None:
             raise RuntimeError(f"device {self.name!r} has no stage loaded")
         t0 = time.time()
@@ -362,12 +363,13 @@ class Node:
         self.emit({"type": "compute", "seq": seq, "step": step, "start_s": t0, "end_s": t1,
                    "stage": cfg.get("stage"), "position": position, "tokens": int(x.shape[1])})
         if not cfg["is_last"]:
-            self._send(cfg["next"]["name"], wire.ACT, seq, step, position, out)
+            self._send(cfg["next"]["name"], wire.ACT, seq, step, position, out, epoch)
         elif cfg["is_source"]:  # a one-device ring: the next step goes through the work queue (no recursion)
             self._on_token(seq, step, token, t1)
         else:
             import torch
-            self._send(cfg["source"]["name"], wire.TOKEN, seq, step, position, torch.tensor([token], dtype=torch.int64))
+            self._send(cfg["source"]["name"], wire.TOKEN, seq, step, position, torch.tensor([token], dtype=torch.int64),
+                       epoch)
 
     def _sample(self, seq: int, logits) -> int:
         from .. import model as M
@@ -628,6 +630,67 @@ class Node:
             link.close()
             conn.close()
 
+    def measure_step(self, spec: dict) -> dict:
+        """The runtime's own cost of one stage step here, beyond the forward pass (profile step_overhead_s).
+
+        A ring on this device alone, through the run's own code: `in_flight` activation frames of
+        `activation_bytes` go out to our own data server; each arrival is a real step (_on_frame: recv event, the
+        compute lock, frame parse; _compute with an identity stage: compute event, then _send to the next stage,
+        which is us again, through a wire.Link shaped with `latency_s` as the run's links are). With several
+        frames in flight the device never waits, so the steady wall time per step is what a pipelined stage pays
+        on top of its units. `events` (a subscribed controller) is the profiler's: events are pushed as in a run.
+        Measured over the steps after `warmup`. Not during a run: it replaces the stage and configuration, as
+        profile_units drops the stage (the next run loads and configures again).
+        """
+        import torch
+
+        steps, warmup = int(spec.get("steps", 200)), int(spec.get("warmup", 20))
+        in_flight = int(spec.get("in_flight", 8))
+        floats = max(1, int(spec["activation_bytes"]) // 4)
+        done = threading.Event()
+        marks: list[tuple[float, float]] = []  # (wall, process CPU) at the warm-up step and the last one
+
+        class Echo:  # the identity stage: counts steps, ends the ring after the last
+            n = 0
+
+            def forward(_, seq, x, position):
+                Echo.n += 1
+                if Echo.n in (warmup, warmup + steps):
+                    marks.append((time.perf_counter(), time.process_time()))
+                if Echo.n == warmup + steps:
+                    self.epoch = (self.epoch + 1) & 0xFF  # this step's frames keep the old epoch: dropped on arrival
+                    done.set()
+                return x
+
+            def reset(_, seq):
+                pass
+
+        with self.compute_lock:
+            self.stage, self.stage_spec, self.seqs = Echo(), None, {}
+            self.epoch = epoch = (self.epoch + 1) & 0xFF  # an epoch is one byte on the wire (frame flags)
+            self.cfg = {"run_id": "measure_step", "stage": 0, "is_source": False, "is_last": False,
+                        "next": {"name": STEP_PROBE_PEER}}
+            self.shaping[STEP_PROBE_PEER] = {"bandwidth_bytes_s": None, "latency_s": float(spec.get("latency_s", 0))}
+            link = self._dial(STEP_PROBE_PEER, self.data.host, self.data.port)
+        x = torch.zeros((1, 1, floats), dtype=torch.float32)
+        for seq in range(in_flight):
+            self._send(STEP_PROBE_PEER, wire.ACT, seq, 0, 0, x, epoch)
+        ok = done.wait(float(spec.get("timeout_s", 120)))
+        with self.compute_lock:
+            self.epoch = (self.epoch + 1) & 0xFF
+            self.stage, self.cfg = None, {}
+            self.shaping.pop(STEP_PROBE_PEER, None)
+            self.out.pop(STEP_PROBE_PEER, None)
+            self.out_addr.pop(STEP_PROBE_PEER, None)
+        link.close()
+        link.conn.close()
+        if not ok:
+            raise TimeoutError(f"device {self.name!r}: {warmup + steps} probe steps did not finish in time")
+        (w0, c0), (w1, c1) = marks
+        return {"step_s": (w1 - w0) / steps, "cpu_per_step_s": (c1 - c0) / steps, "steps": steps,
+                "warmup": warmup, "in_flight": in_flight, "activation_bytes": floats * 4,
+                "latency_s": float(spec.get("latency_s", 0))}
+
     def debug_logits(self, seq: int) -> bytes:
         return b"".join(self.logits.get(int(seq), []))
 
@@ -670,6 +733,9 @@ class DeviceService(rpyc.Service):
 
     def exposed_cancel(self) -> str:
         return _j(self._node.cancel())
+
+    def exposed_measure_step(self, spec: str) -> str:
+        return _j(self._node.measure_step(json.loads(spec)))
 
     def exposed_debug_logits(self, seq: int) -> bytes:
         return self._node.debug_logits(int(seq))
