@@ -6,6 +6,7 @@ devices are local processes with links shaped in the data plane. The last line p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -51,7 +52,8 @@ def main() -> int:
         runs.mkdir(exist_ok=True)
         wl = Workload(prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS)
         lat = planner.solve(tb, pr, "latency", wl)
-        thr = planner.solve(tb, pr, "throughput", wl)
+        # the pipeline run below keeps every prompt in flight: predict its rate for that many sequences
+        thr = planner.solve(tb, pr, "throughput", dataclasses.replace(wl, sequences=len(PROMPTS)))
         print("\n== plans from the measured profile")
         from .cli import summary
         print(summary(lat))
@@ -84,8 +86,10 @@ def _show(res: dict, plan) -> None:
     tl = s.get("token_latency_s") or {}
     if tl.get("p50") is not None:
         print(f"  per-token latency p50 {tl['p50'] * 1000:.1f} ms (p95 {tl['p95'] * 1000:.1f} ms), predicted "
-              f"{plan.predicted['latency_s'] * 1000:.1f} ms; {s['tokens_per_s']:.1f} tokens/s overall "
-              f"(predicted bottleneck throughput {plan.predicted['throughput_tokens_per_s']:.1f})")
+              f"{plan.predicted['latency_s'] * 1000:.1f} ms; {s['tokens_per_s']:.1f} tokens/s overall, prefill "
+              f"included (predicted {plan.predicted['pipeline_tokens_per_s']:.1f} tokens/s with "
+              f"{plan.predicted['sequences']} sequence(s) in flight; 1 / bottleneck "
+              f"{plan.predicted['throughput_tokens_per_s']:.1f})")
     print(f"  run folder: {res['run_dir']}")
 
 
