@@ -128,7 +128,7 @@ def test_step_probe_runs_its_steps_stops_and_leaves_the_device_usable(testbed):
     """measure_step (the profiler's step_overhead_s) is a ring through the device's own data path: it runs
     exactly warmup + steps computes, nothing keeps circulating after it returns, and a run afterwards is lossless."""
     from edgeshard.device import auth
-    from edgeshard.device.client import DeviceClient
+    from edgeshard.device.client import DeviceClient, DeviceError
 
     tb, state, _ = testbed
     dev = state["devices"]["d1"]
@@ -138,6 +138,8 @@ def test_step_probe_runs_its_steps_stops_and_leaves_the_device_usable(testbed):
         after = c.stats()["counters"]
         time.sleep(0.3)
         later = c.stats()["counters"]
+        with pytest.raises(DeviceError, match=r"steps, warmup and in_flight >= 1; got 5, 0, 2"):
+            c.measure_step(576 * 4, steps=5, warmup=0, in_flight=2)
     assert m["steps"] == 50 and 0 < m["cpu_per_step_s"] and 0 < m["step_s"] < 0.05, m
     assert after["computes"] - before["computes"] == 60
     assert later == after, "frames still circulate after the probe"

@@ -637,15 +637,20 @@ class Node:
         `activation_bytes` go out to our own data server; each arrival is a real step (_on_frame: recv event, the
         compute lock, frame parse; _compute with an identity stage: compute event, then _send to the next stage,
         which is us again, through a wire.Link shaped with `latency_s` as the run's links are). With several
-        frames in flight the device never waits, so the steady wall time per step is what a pipelined stage pays
-        on top of its units. `events` (a subscribed controller) is the profiler's: events are pushed as in a run.
-        Measured over the steps after `warmup`. Not during a run: it replaces the stage and configuration, as
+        frames in flight the device keeps stepping, so what a step costs is what a pipelined stage pays on top of
+        its units: returned as wall time per step (step_s) and process CPU time per step, all threads
+        (cpu_per_step_s; the profiler scales it by the device's slowdown on the CPU, as it does the units). A
+        controller subscribed to our events (the profiler) gets them pushed as in a run. Measured over the
+        `steps` steps after `warmup`. Not during a run: it replaces the stage and configuration, as
         profile_units drops the stage (the next run loads and configures again).
         """
         import torch
 
         steps, warmup = int(spec.get("steps", 200)), int(spec.get("warmup", 20))
         in_flight = int(spec.get("in_flight", 8))
+        if steps < 1 or warmup < 1 or in_flight < 1:
+            raise ValueError(f"measure_step needs steps, warmup and in_flight >= 1; got {steps}, {warmup}, "
+                             f"{in_flight}")
         floats = max(1, int(spec["activation_bytes"]) // 4)
         done = threading.Event()
         marks: list[tuple[float, float]] = []  # (wall, process CPU) at the warm-up step and the last one
