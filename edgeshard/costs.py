@@ -54,11 +54,13 @@ def closed_pipeline_rate(service_s: list[float], delay_s: float, sequences: int)
     exponential service times (Reiser & Lavenberg 1980): with n sequences, a step waits behind the queue it finds
     there with n - 1, R_k(n) = S_k (1 + Q_k(n-1)); X(n) = n / (sum_k R_k(n) + delay); Q_k(n) = X(n) R_k(n).
 
-    Why not 1/bottleneck: with balanced stages, a stage's step time that varies (a CPU quota, the machine)
-    starves its neighbours now and then, so the bottleneck idles although many sequences are in flight:
-    measured on the emulated testbed, 4 balanced stages with 16 sequences were 82-89 % busy and ran 12-26 %
-    under 1/bottleneck (docs/emulation.md). X(n) tends to 1/max(S) as n grows and is 1/(sum S + delay), the
-    one-sequence latency, at n = 1.
+    X(n) is 1/(sum S + delay) at n = 1 (one sequence: its round trip) and tends to 1/max(S) as n grows. In
+    between it is the product-form answer, which charges queueing as if step times were exponential. Measured on
+    the emulated testbed (docs/emulation.md), real step times vary far less (squared coefficient of variation
+    0.01-0.04), but with every device busy the steps ran 4-15 % slower than profiled one device at a time and the
+    slowest stages idled 12-18 %. So at 3-4 sequences per stage the measured rate sat 12-27 % under 1/bottleneck
+    and within -1 to +14 % of X(n); with one sequence per stage X(n) is pessimistic (21.2 tokens/s against 26.8
+    measured with 4 sequences on 4 stages; bench/pipeline_sequences.py).
     """
     queue = [0.0] * len(service_s)
     rate = 0.0
