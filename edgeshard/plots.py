@@ -460,7 +460,8 @@ def timeline_figure(events, width: int = 900):
 
 class LiveRunPlot:
     """Live figures of one run, fed by push(events): per-token latency with the plan's prediction as a
-    reference line, per-stage compute vs transfer (mean ms per step, stacked), and tokens/s.
+    reference line, per-stage compute vs transfer (mean ms per step, stacked), and tokens/s with the plan's
+    pipeline_tokens_per_s (predicted for the plan's workload sequences in flight) as a reference line.
 
     Sources: .tokens ("tokens": n, seq, step, t_s, latency_ms), .stages ("stages": device, compute_ms,
     transfer_ms, compute_s, transfer_s), .rate ("rate": t_s, tokens_per_s). .layout is the bokeh layout to show.
@@ -526,6 +527,16 @@ class LiveRunPlot:
                                   y_range=DataRange1d(start=0),
                                   y_axis_label="tokens/s", tools="pan,wheel_zoom,reset,save")
         self.rate_figure.line("t_s", "tokens_per_s", source=self.rate, line_width=2)
+        self.predicted_rate = plan.predicted.get("pipeline_tokens_per_s") if plan is not None and plan.feasible \
+            else None
+        if self.predicted_rate is not None:
+            self.rate_reference = Span(location=self.predicted_rate, dimension="width", line_color="red",
+                                       line_dash="dashed", line_width=2)
+            self.rate_figure.add_layout(self.rate_reference)
+            self.rate_figure.scatter([0], [self.predicted_rate], alpha=0)  # keeps the line inside the y range
+            n = plan.predicted.get("sequences", 1)
+            self.rate_figure.title.text += (f" (dashed: predicted {self.predicted_rate:.3g} with {n} "
+                                            f"sequence{'s' if n != 1 else ''} in flight)")
         self.layout = column(self.latency_figure, row(self.stage_figure, self.rate_figure))
 
     def push(self, events) -> int:

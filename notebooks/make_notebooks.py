@@ -428,7 +428,8 @@ NB04 = [
     t0 = time.monotonic()
     state = testbeds.up(tb, local=True, state_dir=STATE_DIR)
     profile = {PROFILE_CALL.format(indent=" " * 31, extra="")}
-    plan = planner.solve(tb, profile, OBJECTIVE, Workload(16, MAX_NEW_TOKENS))
+    # sequences in flight: all prompts in pipeline mode, one at a time in sequential mode (the tokens/s prediction)
+    plan = planner.solve(tb, profile, OBJECTIVE, Workload(16, MAX_NEW_TOKENS, len(PROMPTS) if MODE == "pipeline" else 1))
     print(f"up and profiled in {{time.monotonic() - t0:.1f}} s (profile cache hit: "
           f"{{profile.provenance.get('cache', {{}}).get('hit')}})")
     print("plan:", " ".join(f"{{s.device}}[{{s.start}},{{s.stop}})" for s in plan.stages),

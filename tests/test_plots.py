@@ -197,6 +197,9 @@ def test_live_run_plot_push(setup):
     span = live.latency_figure.select_one({"type": Span})
     assert span.location == pytest.approx(plan.predicted["latency_s"] * 1e3)
     assert live.predicted_stages.data["decode_ms"] == pytest.approx([s["decode_s"] * 1e3 for s in plan.predicted["stages"]])
+    rate_span = live.rate_figure.select_one({"type": Span})  # the closed-pipeline prediction for its sequences
+    assert rate_span.location == pytest.approx(plan.predicted["pipeline_tokens_per_s"])
+    assert f"with {plan.predicted['sequences']} sequence" in live.rate_figure.title.text
     ev = _events()
     ev[7], ev[8] = ev[8], ev[7]  # a recv may arrive before its send: events of two devices interleave
     assert live.push(ev[:10]) == 1  # two tokens: the first has no previous token to measure from
