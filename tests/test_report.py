@@ -10,7 +10,7 @@ import re
 import pytest
 
 from edgeshard import metrics, planner, report, synthetic, testbed
-from edgeshard.costs import Workload
+from edgeshard.costs import CostModel, Workload
 
 TESTBED = """\
 name = "lab"
@@ -138,3 +138,19 @@ def test_comparison_html_marks_oom(tmp_path):
     html = report.comparison_html(baselines.plan_all(tb, pr))
     row = re.search(r"<tr class=\"bad\">.*?</tr>", html).group(0)
     assert "edge-solo" in row and "OOM" in row
+
+
+def test_pipeline_run_is_compared_with_the_prediction_for_its_sequences(tmp_path):
+    """A pipeline run with 3 prompts: the table has 1 / bottleneck and the closed-pipeline prediction for 3
+    sequences in flight, recomputed from the folder's testbed, profile and plan."""
+    d = make_run(tmp_path / "pipe")
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**summary, "mode": "pipeline"}))
+    (d / "parameters.json").write_text(json.dumps({"mode": "pipeline", "prompts": ["a", "b", "c"], "seed": 1}))
+    run = report._Run(d)
+    expected = CostModel(run.testbed, run.profile).evaluate(run.plan.stages, Workload(16, 6, 3))
+    html = report._predicted_vs_measured(run)
+    assert "tokens/s (pipeline: predicted = 1 / bottleneck)" in html
+    assert (f'predicted for 3 sequences in flight, costs.closed_pipeline_rate)</td><td class="num">'
+            f'{expected["pipeline_tokens_per_s"]:.4g}</td>') in html
+    assert expected["pipeline_tokens_per_s"] < expected["throughput_tokens_per_s"]
