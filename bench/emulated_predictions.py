@@ -182,6 +182,11 @@ def reset_memory_peaks(state: dict) -> None:
                     pass
 
 
+def predicted_pipeline(tb, pr, plan, sequences: int) -> float:
+    """The plan's closed-pipeline tokens/s (costs.closed_pipeline_rate) with `sequences` in flight."""
+    return costs.CostModel(tb, pr).evaluate(plan.stages, workload(sequences))["pipeline_tokens_per_s"]
+
+
 def error(predicted: float, measured: float) -> float:
     """(predicted - measured) / measured."""
     return (predicted - measured) / measured
@@ -220,7 +225,7 @@ def measure_scenario(path: Path, runs: int = 3, pipe_runs: int = 2, repeats: int
             steady = statistics.median(r["steady_tokens_per_s"] for r in pipe)
             whole = statistics.median(r["tokens_per_s"] for r in pipe)
             n_seq = SEQS_PER_STAGE * len(thr.stages)
-            pt = costs.CostModel(tb, pr).evaluate(thr.stages, workload(n_seq))["pipeline_tokens_per_s"]
+            pt = predicted_pipeline(tb, pr, thr, n_seq)
             bn = thr.predicted["throughput_tokens_per_s"]
             out["pipeline"] = {"stages": [[s.device, s.start, s.stop] for s in thr.stages], "sequences": n_seq,
                                "predicted_tokens_per_s": pt, "measured_tokens_per_s": steady,

@@ -223,6 +223,14 @@ def _per_stage_measured(events: list[dict]) -> dict:
     return out
 
 
+def _plan_workload(plan, sequences: int | None = None) -> Workload:
+    """The workload a plan was made for (plan.json "workload"; costs.Workload's defaults where a key is missing),
+    with `sequences` in flight instead of the plan's when given."""
+    w = plan.workload or {}
+    return Workload(int(w.get("prompt_tokens", 128)), int(w.get("new_tokens", 128)),
+                    int(sequences if sequences is not None else w.get("sequences", 1)))
+
+
 def _predicted_vs_measured(run: _Run) -> str:
     """Plan prediction against summary.json (metrics.summarize) and events.jsonl, each row saying its source."""
     pred = run.plan.predicted if run.plan is not None and run.plan.feasible else {}
@@ -254,10 +262,8 @@ def _predicted_vs_measured(run: _Run) -> str:
     n_seq = len(params.get("prompts") or [])
     if pipelined and n_seq and pred and run.testbed is not None and run.profile is not None:
         # the plan's closed-pipeline prediction for as many sequences in flight as this run had
-        wl = run.plan.workload or {}
-        cm = CostModel(run.testbed, run.profile)
-        piped = cm.evaluate(run.plan.stages, Workload(int(wl.get("prompt_tokens", 128)),
-                                                      int(wl.get("new_tokens", 128)), n_seq), check=False)
+        piped = CostModel(run.testbed, run.profile).evaluate(run.plan.stages, _plan_workload(run.plan, n_seq),
+                                                             check=False)
         add(f"tokens/s (pipeline: predicted for {n_seq} sequences in flight, costs.closed_pipeline_rate)",
             piped["pipeline_tokens_per_s"], measured_tps, unit="tokens/s", scale=1.0)
     add(f"first token (predicted: prefill of the plan's {run.plan.workload.get('prompt_tokens', '?') if run.plan else '?'}"
@@ -306,8 +312,7 @@ def _baselines(run: _Run, profile, label: str):
     """Comparison table, bars and one diff per baseline against the run's plan."""
     from . import baselines
 
-    w = run.plan.workload or {}
-    workload = Workload(int(w.get("prompt_tokens", 128)), int(w.get("new_tokens", 128)), int(w.get("sequences", 1)))
+    workload = _plan_workload(run.plan)
     plans = baselines.plan_all(run.testbed, profile, run.plan.objective, workload)
     items = [_h2(f"Plan against baselines ({run.plan.objective}, {label})",
                  comparison_html(plans) + '<p class="note">run = the plan this run executed; the table recomputes '

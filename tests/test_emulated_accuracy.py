@@ -165,13 +165,13 @@ def test_plan_predicts_pipeline_throughput(emulated, profiled, ep):
     """The throughput plan run with 4 sequences per stage in flight: steady tokens/s within 20 % of the plan's
     closed-pipeline prediction for that many sequences (costs.closed_pipeline_rate; 1/bottleneck, the paper's
     figure, is printed beside it: it ran 12-26 % high here, docs/emulation.md)."""
-    from edgeshard import costs, planner
+    from edgeshard import planner
 
     tb, state, _ = emulated
     plan = planner.solve(tb, profiled, "throughput", ep.workload())
     assert len(plan.stages) >= 2
     n_seq = ep.SEQS_PER_STAGE * len(plan.stages)
-    predicted = costs.CostModel(tb, profiled).evaluate(plan.stages, ep.workload(n_seq))["pipeline_tokens_per_s"]
+    predicted = ep.predicted_pipeline(tb, profiled, plan, n_seq)
     attempts = []
     for _ in range(MAX_ATTEMPTS):
         runs = ep.measure_pipeline(tb, plan, state, runs=2)
