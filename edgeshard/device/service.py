@@ -6,6 +6,10 @@ classic mode; HMAC handshake in the authenticator before rpyc speaks):
 Data plane (wire.py frames on the port `info` reports; same handshake):
     ACT (activations, stage -> next stage), TOKEN (last stage -> source), END (free a sequence's KV cache),
     PING/PONG and BULK/BULK_ACK (link probes), EVENTS (device -> controller, JSON lines).
+    Every frame is bounded before its payload is allocated (wire.FrameLimits, shared by all of this device's
+    connections): control kinds wire.CONTROL_MAX_BYTES, BULK the probe's frame (PROBE_FRAME_BYTES), ACT
+    what the configured stage can send or receive (act_limit_bytes; wire.ACT_UNCONFIGURED_BYTES until a
+    stage is configured). A larger frame gets an ERROR and its connection is dropped.
 
 The generation ring (see docs/architecture.md): the controller submits raw prompt text to the source; the
 source tokenises it (prompt token ids never leave this process), runs its stage and sends activations to the
@@ -52,7 +56,15 @@ PROTOCOL_CONFIG = {
     "sync_request_timeout": 3600,  # server -> client requests (none are made); loads and profiles are long
 }
 EVENT_BACKLOG = 500_000  # events kept while no controller is subscribed
-PROBE_FRAME_BYTES = 1 << 16
+PROBE_FRAME_BYTES = 1 << 16  # BULK frames of measure_link; also the largest BULK frame a device accepts
+EVENTS_FRAME_BYTES = 4 << 20  # event batches go out in EVENTS frames of at most this (< wire.EVENTS_MAX_BYTES)
+# Headroom on top of the exact largest activation frame, (1, context_tokens, hidden) in the stage's dtype
+# (StageModel.forward's output, model.py). The bound asked for in issue 8 ("Data-plane bounds": the largest
+# activation frame of any configured stage, plus headroom). 1 MiB covers at least 32 tokens beyond the
+# configured context for the widest catalog model (llama2-70b: hidden 8192, fp32 = 32 KiB a token; hundreds for
+# small ones), e.g. tokens a chat template adds to a prompt whose context was counted from its text, and it
+# costs a device at most 1 MiB per connection, against the 8 GiB that made one stop answering.
+ACT_HEADROOM_BYTES = 1 << 20
 FLUSH_S = 0.02  # events are pushed to the controller in batches at most this old
 STEP_PROBE_PEER = "\x00step-probe"  # measure_step's ring: this device as its own next stage (no device has this name)
 log = logging.getLogger("edgeshard.serve")
@@ -103,8 +115,14 @@ class Node:
                  memory_bytes: int | None = None, auth_timeout: float = auth.DEFAULT_TIMEOUT_S):
         self.host, self.secret, self.device, self.name = host, secret, device, name or socket.gethostname()
         self.declared_memory_bytes = memory_bytes
+        # What this device accepts on any data connection (shared: configure() changes the ACT entry). A device
+        # never receives EVENTS (it sends them), so they get the control cap.
+        self.limits = wire.FrameLimits(act=wire.ACT_UNCONFIGURED_BYTES, bulk=PROBE_FRAME_BYTES,
+                                       events=wire.CONTROL_MAX_BYTES)
+        self.context_tokens: int | None = None  # longest prompt of the configured run (bounds ACT frames)
         self.data = wire.DataServer(host, data_port, secret, self._on_frame, self._on_close,
-                                    auth_timeout=auth_timeout, log=log.warning, on_open=self._on_open)
+                                    auth_timeout=auth_timeout, log=log.warning, on_open=self._on_open,
+                                    limits=self.limits)
         self.lock = threading.RLock()
         self.work: queue.Queue = queue.Queue()
         self.stage = None
@@ -161,14 +179,14 @@ class Node:
                     continue
                 batch, self.outbox, self._urgent = self.outbox, [], False
                 subs = list(self.subscribers)
-            data = ("\n".join(json.dumps(e, separators=(",", ":")) for e in batch)).encode()
-            for c in subs:
-                try:
-                    c.send(wire.EVENTS, aux=len(batch), payload=data)
-                except wire.WireError:
-                    with self.outbox_cond:
-                        if c in self.subscribers:
-                            self.subscribers.remove(c)
+            for n, data in _event_frames(batch, EVENTS_FRAME_BYTES):
+                for c in subs:
+                    try:
+                        c.send(wire.EVENTS, aux=n, payload=data)
+                    except wire.WireError:
+                        with self.outbox_cond:
+                            if c in self.subscribers:
+                                self.subscribers.remove(c)
 
     # ------------------------------------------------------------------ data plane
     def _on_open(self, conn: wire.Connection) -> None:
@@ -178,6 +196,8 @@ class Node:
                 self.outbox_cond.notify()
 
     def _on_close(self, conn: wire.Connection, err) -> None:
+        if isinstance(err, wire.FrameRefused) and not conn.hello:  # a connection we dialed (the server logs its own)
+            log.warning("data plane: dropped %s: %s", conn.peer, err)
         with self.outbox_cond:
             if conn in self.subscribers:
                 self.subscribers.remove(conn)
@@ -223,6 +243,15 @@ class Node:
             q = self.probe_waiters.get(f.aux)
             if q is not None:
                 q.put(f)
+        elif k == wire.ERROR:  # a peer refused a frame of ours (and dropped the connection): fail the run loudly
+            try:
+                msg = str(f.json().get("message"))
+            except (ValueError, AttributeError):
+                msg = bytes(f.payload[:200]).decode(errors="replace")
+            self.counters["errors"] += 1
+            log.warning("data plane: %s refused a frame: %s", conn.peer, msg)
+            self.emit({"type": "error", "seq": f.seq, "t_s": time.time(),
+                       "message": f"{conn.peer} refused a frame from {self.name}: {msg}"}, urgent=True)
 
     def _dial(self, name: str, host: str, port: int) -> wire.Link:
         link = self.out.get(name)
@@ -231,7 +260,8 @@ class Node:
             link.conn.close()
             link = None
         if link is None:
-            conn = wire.dial(host, port, self.secret, {"from": self.name, "role": "stage"}, peer=name)
+            conn = wire.dial(host, port, self.secret, {"from": self.name, "role": "stage"}, peer=name,
+                             limits=self.limits)
             conn.start_reader(self._on_frame, self._on_close, name="out")
             link = wire.Link(conn)
             self.out[name], self.out_addr[name] = link, (host, port)
@@ -342,6 +372,9 @@ class Node:
         ids = self._tokenize(text, bool(self.cfg.get("chat")))
         if not ids:
             raise ValueError(f"prompt of sequence {seq} has no tokens")
+        if self.context_tokens is not None and len(ids) > self.context_tokens:  # its prefill would be refused
+            raise ValueError(f"prompt of sequence {seq} has {len(ids)} tokens, more than this run's context of "
+                             f"{self.context_tokens} tokens (configure context_tokens)")
         max_new = int(opts.get("max_new_tokens", self.cfg.get("max_new_tokens", 32)))
         self.seqs[seq] = SeqState(seq, len(ids), max_new)
         self.emit({"type": "request", "seq": seq, "t_s": t, "t_submit_controller_s": opts.get("t_submit"),
@@ -459,6 +492,7 @@ class Node:
                 self.stage.reset_all()
             else:
                 self.stage = self.stage_spec = None
+                self._set_act_limit(None)  # until this stage is configured
                 import gc
                 gc.collect()
                 self.stage = M.StageModel(key["model"], int(key["start"]), int(key["stop"]),
@@ -474,6 +508,7 @@ class Node:
     def configure(self, cfg: dict) -> dict:
         """Set up a run: who is next, who is the source, link shaping, sampling; drop any earlier run's state."""
         def setup():
+            act = self._set_act_limit(cfg)  # first: a bad context_tokens changes nothing else
             self._drop_prompts()  # of an earlier run
             self.epoch = int(cfg.get("epoch", 0)) & 0xFF
             self.name = cfg.get("name", self.name)
@@ -498,9 +533,30 @@ class Node:
             elif not cfg.get("is_source"):
                 s = cfg["source"]
                 self._dial(s["name"], s["host"], int(s["port"]))
-            return {"epoch": self.epoch, "stage": self.stage_spec}
+            return {"epoch": self.epoch, "stage": self.stage_spec, "context_tokens": self.context_tokens,
+                    "max_act_frame_bytes": act}
         # the worker may be busy; configure runs on it so it never races a forward pass
         return self.run_in_worker(setup)
+
+    def _set_act_limit(self, cfg: dict | None) -> int:
+        """The largest ACT frame this device accepts: what the configured stage sends or receives, a whole
+        prompt's prefill (1, context_tokens, hidden) in the stage's dtype, plus ACT_HEADROOM_BYTES. context_tokens:
+        the run's (cfg["context_tokens"]), else the model's (max_position_embeddings). None (or no stage
+        loaded): the small unconfigured cap. Returns the limit."""
+        st = self.stage
+        hidden = getattr(st, "hidden", None)
+        if cfg is None or not hidden:
+            self.context_tokens = None
+            limit = wire.ACT_UNCONFIGURED_BYTES
+        else:
+            ctx = cfg.get("context_tokens") or getattr(getattr(st, "config", None), "max_position_embeddings", None)
+            if not ctx or int(ctx) < 1:
+                raise ValueError(f"device {self.name!r}: context_tokens must be a positive integer, got {ctx!r}")
+            self.context_tokens = int(ctx)
+            item = st.torch_dtype.itemsize
+            limit = int(hidden) * self.context_tokens * item + ACT_HEADROOM_BYTES
+        self.limits.set(wire.ACT, min(limit, wire.MAX_PAYLOAD))
+        return self.limits.max_bytes(wire.ACT)
 
     def _load_tokenizer(self, model: str) -> None:
         """The source's tokenizer (None for random-weight models without one: prompts are then token ids).
@@ -561,6 +617,7 @@ class Node:
             if self.stage is not None:
                 self.stage = self.stage_spec = None
                 self.seqs.clear()
+                self._set_act_limit(None)
                 import gc
                 gc.collect()
             st = M.StageModel(spec["model"], int(spec["start"]), int(spec["stop"]),
@@ -586,7 +643,8 @@ class Node:
         target_s = float(spec.get("target_s", 0.5))
         max_bytes = int(spec.get("max_bytes", 256 << 20))
         s = self.shaping.get(name, {})
-        conn = wire.dial(host, port, self.secret, {"from": self.name, "role": "probe"}, peer=name)
+        conn = wire.dial(host, port, self.secret, {"from": self.name, "role": "probe"}, peer=name,
+                         limits=self.limits)
         with self.lock:
             self.probe_counter += 1
             pid = (os.getpid() << 20) + self.probe_counter
@@ -652,6 +710,8 @@ class Node:
             raise ValueError(f"measure_step needs steps, warmup and in_flight >= 1; got {steps}, {warmup}, "
                              f"{in_flight}")
         floats = max(1, int(spec["activation_bytes"]) // 4)
+        if floats * 4 + ACT_HEADROOM_BYTES > wire.MAX_PAYLOAD:
+            raise ValueError(f"measure_step: activation_bytes {spec['activation_bytes']} is too large")
         done = threading.Event()
         marks: list[tuple[float, float]] = []  # (wall, process CPU) at the warm-up step and the last one
 
@@ -675,6 +735,8 @@ class Node:
             self.epoch = epoch = (self.epoch + 1) & 0xFF  # an epoch is one byte on the wire (frame flags)
             self.cfg = {"run_id": "measure_step", "stage": 0, "is_source": False, "is_last": False,
                         "next": {"name": STEP_PROBE_PEER}}
+            self.context_tokens = None
+            self.limits.set(wire.ACT, floats * 4 + ACT_HEADROOM_BYTES)  # the probe's frames (1, 1, floats) fp32
             self.shaping[STEP_PROBE_PEER] = {"bandwidth_bytes_s": None, "latency_s": float(spec.get("latency_s", 0))}
             link = self._dial(STEP_PROBE_PEER, self.data.host, self.data.port)
         x = torch.zeros((1, 1, floats), dtype=torch.float32)
@@ -684,6 +746,7 @@ class Node:
         with self.compute_lock:
             self.epoch = (self.epoch + 1) & 0xFF
             self.stage, self.cfg = None, {}
+            self._set_act_limit(None)
             self.shaping.pop(STEP_PROBE_PEER, None)
             self.out.pop(STEP_PROBE_PEER, None)
             self.out_addr.pop(STEP_PROBE_PEER, None)
@@ -703,7 +766,27 @@ class Node:
         return {"counters": dict(self.counters), "queue": self.work.qsize(), "seqs": sorted(self.seqs),
                 "events_emitted": self.n_emitted, "run_id": self.cfg.get("run_id"),
                 "epoch": self.epoch, "links": {k: {"shaped": v.shaped, "pending": v.pending()} for k, v in self.out.items()},
-                "subscribers": len(self.subscribers)}
+                "subscribers": len(self.subscribers), "frame_limits": self.limits.as_dict(),
+                "context_tokens": self.context_tokens}
+
+
+def _event_frames(batch: list[dict], max_bytes: int):
+    """(events, payload) pairs: the batch as JSON lines, split so that no payload exceeds max_bytes. An event
+    that alone is larger is left out (logged): no receiver would take it."""
+    lines, size = [], 0
+    for ev in batch:
+        line = json.dumps(ev, separators=(",", ":")).encode()
+        if len(line) > max_bytes:
+            log.warning("event of %d bytes (type %s) exceeds an EVENTS frame (%d bytes): not sent", len(line),
+                        ev.get("type"), max_bytes)
+            continue
+        if lines and size + 1 + len(line) > max_bytes:
+            yield len(lines), b"\n".join(lines)
+            lines, size = [], 0
+        size += len(line) + (1 if lines else 0)
+        lines.append(line)
+    if lines:
+        yield len(lines), b"\n".join(lines)
 
 
 def _j(obj) -> str:

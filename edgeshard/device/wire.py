@@ -12,9 +12,16 @@ Frame = a fixed 72-byte little-endian header, then `nbytes` raw payload bytes:
     7       flags     u8       run epoch: frames of an older run (other epoch) are dropped by receivers
     8       seq       i64      sequence id (which prompt)
     16      position  i64      position of the first token of this frame in its sequence
-    24      aux       i64      kind-specific (ACT: tokens in the frame; PING: probe id; ...)
+    24      aux       i64      kind-specific (ACT, TOKEN: the step, 0 = prefill; PING, BULK: probe id; ...)
     32      shape     4 x i64  tensor shape (unused entries 0)
     64      nbytes    u64      payload length
+
+Receivers trust no header field: before allocating a payload they check the magic, kind, dtype, ndim <= 4,
+that unused shape entries are 0 and none is negative, that a tensor's shape times its item size is nbytes
+(every dtype but BYTES; BYTES with ndim 0 is an opaque/JSON payload), and that nbytes is within the
+receiver's `FrameLimits` for that kind (small fixed caps for control kinds; for ACT what the configured
+stage can send). A frame that fails is answered with one ERROR frame, JSON {"message", "kind", "nbytes",
+"limit"}, and the connection is closed without reading or allocating its payload.
 
 A tensor's bytes are its contiguous memory (little-endian, the dtype's native layout), so the receiver
 rebuilds it with torch.frombuffer without a copy. This module does not import torch at module level:
@@ -44,11 +51,11 @@ MAGIC = b"ESD1"
 HEADER = struct.Struct("<4sBBBBqqq4qQ")
 HEADER_BYTES = HEADER.size  # 72
 MAX_NDIM = 4
-MAX_PAYLOAD = 1 << 34  # 16 GiB: refuse absurd lengths from a confused peer
+MAX_PAYLOAD = 1 << 34  # 16 GiB: no FrameLimits entry may exceed it
 
 # frame kinds
 HELLO = 1  # first frame on every data connection: JSON {"from": device name or "controller", "role": ...}
-ACT = 2  # activations between stages (tensor); aux = tokens in this frame
+ACT = 2  # activations between stages (tensor (1, T, hidden)); aux = the step
 TOKEN = 3  # sampled token id, last stage -> source (int64, 8 bytes)
 END = 4  # a sequence finished: free its KV cache (travels down the stages)
 PING = 5  # probe: latency (echoed as PONG)
@@ -67,9 +74,59 @@ DTYPE_NAMES = {BYTES: "bytes", FLOAT32: "float32", FLOAT16: "float16", BFLOAT16:
 DTYPE_CODES = {v: k for k, v in DTYPE_NAMES.items()}
 ITEM_BYTES = {BYTES: 1, FLOAT32: 4, FLOAT16: 2, BFLOAT16: 2, INT64: 8, INT32: 4, UINT8: 1}
 
+# Frame size limits (payload bytes, header not counted). See FrameLimits.
+CONTROL_MAX_BYTES = 1 << 16  # HELLO, TOKEN, END, PING, PONG, BULK_ACK, ERROR: small JSON or an 8-byte token id
+ACT_UNCONFIGURED_BYTES = 1 << 16  # ACT before a stage is configured: a few decode steps, never a prefill
+BULK_MAX_BYTES = 64 << 20  # BULK on a plain connection (bench/dataplane.py sends 16 MiB); devices narrow it
+EVENTS_MAX_BYTES = 16 << 20  # one EVENTS frame; the device splits event batches to stay under it
+REFUSE_SEND_WAIT_S = 1.0  # how long a refusal waits for a send in progress before closing without an ERROR
+
 
 class WireError(ConnectionError):
     """A malformed frame or a closed connection."""
+
+
+class FrameRefused(WireError):
+    """A peer announced a frame this receiver does not take (too large, unknown kind, inconsistent header).
+    The receiver answered with an ERROR frame (when it could) and closed the connection."""
+
+    def __init__(self, message: str, kind: int | None = None, nbytes: int | None = None, limit: int | None = None):
+        super().__init__(message)
+        self.kind, self.nbytes, self.limit = kind, nbytes, limit
+
+
+class FrameLimits:
+    """The largest payload, in bytes, a receiver accepts per frame kind; kinds not listed are refused.
+
+    One object may be shared by many connections (a device's data server and the links it dials): set()
+    takes effect for the next frame header each of them reads. Defaults: CONTROL_MAX_BYTES for control
+    kinds, ACT_UNCONFIGURED_BYTES for ACT (a device raises it when a stage is configured), BULK_MAX_BYTES,
+    EVENTS_MAX_BYTES.
+    """
+
+    def __init__(self, act: int = ACT_UNCONFIGURED_BYTES, bulk: int = BULK_MAX_BYTES, events: int = EVENTS_MAX_BYTES,
+                 control: int = CONTROL_MAX_BYTES):
+        self._max: dict[int, int] = {}
+        for kind in KIND_NAMES:
+            self.set(kind, control)
+        self.set(ACT, act)
+        self.set(BULK, bulk)
+        self.set(EVENTS, events)
+
+    def set(self, kind: int, nbytes: int) -> None:
+        if kind not in KIND_NAMES:
+            raise ValueError(f"unknown frame kind {kind}")
+        nbytes = int(nbytes)
+        if not 0 <= nbytes <= MAX_PAYLOAD:
+            raise ValueError(f"a {KIND_NAMES[kind]} frame limit must be within 0..{MAX_PAYLOAD} bytes, got {nbytes}")
+        self._max[kind] = nbytes
+
+    def max_bytes(self, kind: int) -> int | None:
+        """The limit for `kind`, None for a kind this receiver does not know."""
+        return self._max.get(kind)
+
+    def as_dict(self) -> dict[str, int]:
+        return {KIND_NAMES[k]: v for k, v in sorted(self._max.items())}
 
 
 @dataclass(slots=True)
@@ -111,10 +168,11 @@ def _nodelay(sock: socket.socket) -> None:
 class Connection:
     """One authenticated, framed TCP connection. send() is thread-safe; recv() must have a single reader."""
 
-    def __init__(self, sock: socket.socket, peer: str = "?"):
+    def __init__(self, sock: socket.socket, peer: str = "?", limits: FrameLimits | None = None):
         _nodelay(sock)
         self.sock = sock
         self.peer = peer  # name of the other end, for messages
+        self.limits = limits if limits is not None else FrameLimits()  # what recv() accepts (may be shared)
         self.hello: dict = {}
         self._send_lock = threading.Lock()
         self._rfile = sock.makefile("rb", buffering=1 << 16)
@@ -166,18 +224,60 @@ class Connection:
             got += k
 
     def recv(self) -> Frame:
-        """The next frame (blocking). WireError when the peer closed or sent garbage."""
+        """The next frame (blocking). WireError when the peer closed or sent garbage; FrameRefused (after an
+        ERROR frame to the peer and closing) when the header fails the checks in the module docstring."""
         self._read_into(memoryview(self._hdr))
         t_first = time.time()
         magic, kind, dtype, ndim, flags, seq, position, aux, d0, d1, d2, d3, nbytes = HEADER.unpack(self._hdr)
-        if magic != MAGIC or ndim > MAX_NDIM or nbytes > MAX_PAYLOAD or dtype not in DTYPE_NAMES:
-            self.close()
-            raise WireError(f"malformed frame from {self.peer} (magic {magic!r}, ndim {ndim}, {nbytes} bytes)")
-        payload = bytearray(nbytes)
+        self._check_header(magic, kind, dtype, ndim, (d0, d1, d2, d3), nbytes, seq)  # before any allocation
+        payload = bytearray(nbytes)  # zero-fills (touches every page): only ever for a checked nbytes
         if nbytes:
             self._read_into(memoryview(payload))
         self.bytes_received += HEADER_BYTES + nbytes
         return Frame(kind, seq, position, aux, dtype, (d0, d1, d2, d3)[:ndim], payload, time.time(), t_first, flags)
+
+    def _check_header(self, magic: bytes, kind: int, dtype: int, ndim: int, dims: tuple, nbytes: int,
+                      seq: int) -> None:
+        name = KIND_NAMES.get(kind, f"kind {kind}")
+        limit = self.limits.max_bytes(kind)
+        if magic != MAGIC:
+            self._refuse(f"malformed frame (magic {magic!r})", kind, nbytes, limit, seq)
+        if limit is None:
+            self._refuse(f"unknown frame kind {kind} ({nbytes} bytes)", kind, nbytes, limit, seq)
+        if nbytes > limit:
+            self._refuse(f"{name} frame of {nbytes} bytes refused: the limit for {name} frames here is {limit} bytes",
+                         kind, nbytes, limit, seq)
+        if dtype not in DTYPE_NAMES:
+            self._refuse(f"{name} frame with unknown dtype code {dtype}", kind, nbytes, limit, seq)
+        if ndim > MAX_NDIM:
+            self._refuse(f"{name} frame with ndim {ndim} (at most {MAX_NDIM})", kind, nbytes, limit, seq)
+        shape = dims[:ndim]
+        if any(d < 0 for d in shape) or any(dims[ndim:]):
+            self._refuse(f"{name} frame with shape entries {dims} for ndim {ndim}", kind, nbytes, limit, seq)
+        if dtype != BYTES or ndim:
+            count = 1
+            for d in shape:
+                count *= d
+            if count * ITEM_BYTES[dtype] != nbytes:
+                self._refuse(f"{name} frame of shape {shape} {DTYPE_NAMES[dtype]} announces {nbytes} bytes, "
+                             f"not {count * ITEM_BYTES[dtype]}", kind, nbytes, limit, seq)
+
+    def _refuse(self, message: str, kind: int, nbytes: int, limit: int | None, seq: int = 0):
+        """Tell the peer why (one ERROR frame, if it can go out without waiting), close, raise FrameRefused.
+        The announced payload is never read: closing with it unread resets the connection."""
+        body = json.dumps({"message": message, "kind": KIND_NAMES.get(kind, kind), "nbytes": nbytes, "limit": limit},
+                          separators=(",", ":")).encode()
+        frame = pack_header(ERROR, seq, 0, 0, BYTES, (), len(body)) + body
+        if self._send_lock.acquire(timeout=REFUSE_SEND_WAIT_S):  # another thread may be mid-frame
+            try:
+                if not self.closed:
+                    self.sock.send(frame, getattr(socket, "MSG_DONTWAIT", 0))  # never block on a peer not reading
+            except OSError:
+                pass
+            finally:
+                self._send_lock.release()
+        self.close()
+        raise FrameRefused(f"{self.peer}: {message}", kind, nbytes, limit)
 
     def start_reader(self, handler: Callable[["Connection", Frame], None],
                      on_close: Callable[["Connection", BaseException | None], None] | None = None,
@@ -189,6 +289,8 @@ class Connection:
             try:
                 while True:
                     handler(self, self.recv())
+            except FrameRefused as e:  # we closed the connection, but say why
+                err = e
             except WireError as e:
                 err = None if self.closed else e
             except BaseException as e:  # a handler bug: report, close
@@ -218,11 +320,12 @@ class Connection:
 
 
 def dial(host: str, port: int, secret: bytes, hello: dict, timeout: float = auth.DEFAULT_TIMEOUT_S,
-         peer: str | None = None) -> Connection:
-    """Connect to a device's data port, authenticate, and introduce ourselves with a HELLO frame."""
+         peer: str | None = None, limits: FrameLimits | None = None) -> Connection:
+    """Connect to a device's data port, authenticate, and introduce ourselves with a HELLO frame.
+    limits: what this end accepts from the peer (default FrameLimits())."""
     peer = peer or f"{host}:{port}"
     sock = auth.connect(host, port, secret, b"data", timeout, where=f"data plane of {peer}")
-    conn = Connection(sock, peer)
+    conn = Connection(sock, peer, limits)
     conn.send_json(HELLO, hello)
     return conn
 
@@ -231,13 +334,16 @@ class DataServer:
     """Listens on a data port; authenticates each connection, reads its HELLO, then serves it in a thread.
 
     handler(conn, frame) runs in the connection's reader thread; conn.hello holds the peer's HELLO.
+    limits: what every connection accepts (one shared FrameLimits; default FrameLimits()). A connection that
+    sends a frame outside them is answered with ERROR and closed; the others and new handshakes go on.
     """
 
     def __init__(self, host: str, port: int, secret: bytes, handler: Callable[[Connection, Frame], None],
                  on_close: Callable[[Connection, BaseException | None], None] | None = None,
                  auth_timeout: float = auth.DEFAULT_TIMEOUT_S, log: Callable[[str], None] | None = None,
-                 on_open: Callable[[Connection], None] | None = None):
+                 on_open: Callable[[Connection], None] | None = None, limits: FrameLimits | None = None):
         self.secret, self.handler, self.on_close, self.on_open = secret, handler, on_close, on_open
+        self.limits = limits if limits is not None else FrameLimits()
         self.auth_timeout = auth_timeout
         self.log = log or (lambda msg: None)
         self.listener = socket.create_server((host, port), reuse_port=False)
@@ -267,7 +373,7 @@ class DataServer:
             self.log(f"data plane: refused {addr[0]}:{addr[1]}: {e}")
             sock.close()
             return
-        conn = Connection(sock, f"{addr[0]}:{addr[1]}")
+        conn = Connection(sock, f"{addr[0]}:{addr[1]}", self.limits)
         try:
             sock.settimeout(self.auth_timeout)
             first = conn.recv()
@@ -291,6 +397,8 @@ class DataServer:
         def closed(c, err):
             with self._lock:
                 self.connections.discard(c)
+            if isinstance(err, FrameRefused):
+                self.log(f"data plane: dropped {c.peer}: {err}")
             if self.on_close:
                 self.on_close(c, err)
 
