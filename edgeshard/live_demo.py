@@ -48,7 +48,7 @@ def main() -> int:
         # decode measured at the context the run sees on average (prompt + half the new tokens)
         pr = profiler.profile(tb, MODEL, state, context_tokens=PROMPT_TOKENS + NEW_TOKENS // 2,
                               prefill_tokens=PROMPT_TOKENS, repeats=3, progress=True)
-        runs = ROOT / "runs"
+        runs = Path.cwd() / "runs"  # the repository's runs/ under `make demo`
         runs.mkdir(exist_ok=True)
         wl = Workload(prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS)
         lat = planner.solve(tb, pr, "latency", wl)

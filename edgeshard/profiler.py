@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from . import catalog
+from . import catalog, testbeds
 from . import testbed as tbm
 from .device import wire
 from .profile import DeviceCosts, Link, Profile
@@ -165,7 +165,8 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
     try:
         for n in names:
             host, port = _address(tb, state, n)
-            clients[n] = DeviceClient(n, host, port, secret, timeout=600)
+            clients[n] = DeviceClient(n, host, port, secret, timeout=600,
+                                      diagnose=lambda n=n: testbeds.diagnosis(state, n))
             infos[n] = clients[n].info()
             mem = tb.device(n).memory_bytes
             plan_chunks[n] = _chunks(units, min(mem, infos[n].get("detected_memory_bytes") or mem))

@@ -271,6 +271,7 @@ class Run:
     def _connect(self) -> None:
         from .device import auth
         from .device.client import DeviceClient
+        from .testbeds import diagnosis
 
         secret = auth.load_secret(_token_file(self.tb, self.state))
         errors = {}
@@ -278,7 +279,8 @@ class Run:
         def one(name):
             host, port = _address(self.tb, self.state, name)
             try:
-                self.clients[name] = DeviceClient(name, host, port, secret)
+                self.clients[name] = DeviceClient(name, host, port, secret,
+                                                  diagnose=lambda n=name: diagnosis(self.state, n))
             except Exception as e:
                 errors[name] = e
 
@@ -441,24 +443,8 @@ class Run:
             return False
 
     def _dead(self, name: str, why: str) -> RuntimeError:
-        d = (self.state or {}).get("devices", {}).get(name, {})
-        diagnosis = None
-        if (self.state or {}).get("mode") == "emulated":
-            try:
-                from .emulate import device_failure
-                diagnosis = device_failure(self.state, name)
-            except Exception:  # no pyroute2, no cgroup files: no diagnosis, the message stands
-                diagnosis = None
-        tail = ""
-        if d.get("log"):
-            try:
-                lines = Path(d["log"]).read_text(errors="replace").splitlines()[-8:]
-                tail = "; its log ends:\n" + "\n".join(lines)
-            except OSError:
-                pass
-        pid = f" (pid {d['pid']})" if d.get("pid") else ""
-        cause = f"; {diagnosis}" if diagnosis else " (process died or was OOM-killed?)"
-        return RuntimeError(f"device {name!r}{pid} failed during the run: {why}{cause}{tail}")
+        from .testbeds import failure
+        return RuntimeError(f"{failure(self.state, name)}; it failed during the run: {why}")
 
     def _generate(self, inbox: queue.Queue, events_file, names: list[str], loads: dict) -> dict:
         from .device.client import DeviceError

@@ -7,6 +7,7 @@ shaped); the runtime and the profiler read it to find the devices.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,71 @@ def status(testbed_or_name, state_dir=None) -> dict | None:
         st.setdefault("token_file", state.get("token_file"))
         launch._check_health(st, timeout=5.0)
     return st
+
+
+def exit_status(pid: int) -> int | None:
+    """The returncode of a device process this Python process started (negative: the signal that killed it);
+    None when another process started it (its parent alone could know) or it is still running."""
+    p = launch._children.get(pid)
+    if p is not None:
+        return p.poll()
+    try:
+        from . import emulate
+    except ImportError:
+        return None
+    emulate._alive(pid)  # reaps it if it exited
+    return emulate.exit_codes.get(pid)
+
+
+def failure(state: dict | None, device: str) -> str:
+    """Why `device` of a testbed that is up stopped answering, in one line: the kernel's reason where it is known
+    (OOM kills in its memory cgroup, the exit signal or code), its pid and its log file."""
+    return f"device {device!r} {diagnosis(state, device)}"
+
+
+def diagnosis(state: dict | None, device: str) -> str:
+    """failure() without the device's name: "(pid N): reasons; its log: PATH (last line: ...)"."""
+    dev = ((state or {}).get("devices") or {}).get(device) or {}
+    pid = dev.get("pid")
+    reasons = []
+    if (state or {}).get("mode") == "emulated":
+        try:
+            from . import emulate
+            why = emulate.device_failure(state, device)
+        except Exception:  # no pyroute2 or no cgroup files left: the other facts stand
+            why = None
+        if why:
+            reasons.append(why)
+    rc = exit_status(pid) if isinstance(pid, int) else None
+    if rc is not None:
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = f"signal {-rc}"
+            reasons.append(f"it was killed by {name}")
+        else:
+            reasons.append(f"it exited with code {rc}")
+    elif isinstance(pid, int) and not launch.pid_alive(pid):
+        reasons.append("its process is gone (exit status unknown: another process started it)")
+    elif isinstance(pid, int):
+        reasons.append("its process is still running but does not answer (hung, stopped or unreachable?)")
+    where = f"pid {pid}" if pid else "no pid recorded"
+    log = f"; its log: {dev['log']}" if dev.get("log") else ""
+    last = _last_line(dev.get("log"))
+    if last:
+        log += f" (last line: {last})"
+    return f"({where}): {'; '.join(reasons) or 'no diagnosis available'}{log}"
+
+
+def _last_line(path: str | None, limit: int = 200) -> str:
+    if not path:
+        return ""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:limit] if lines else ""
 
 
 def find_state(testbed, state_dir=None) -> dict | None:

@@ -12,6 +12,7 @@ import threading
 import rpyc
 from rpyc.core.stream import SocketStream
 
+from .. import weights
 from . import auth, wire
 from .service import PROTOCOL_CONFIG
 
@@ -25,8 +26,11 @@ class DeviceError(RuntimeError):
 
 class DeviceClient:
     def __init__(self, name: str, host: str, port: int, secret: bytes, timeout: float = DEFAULT_TIMEOUT_S,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, diagnose=None):
+        """diagnose: a callable returning why the device stopped answering (testbeds.diagnosis for a testbed that
+        is up), used in the error when the connection drops."""
         self.name, self.host, self.port, self.secret = name, host, int(port), secret
+        self.diagnose = diagnose
         self.timeout = timeout
         self._lock = threading.Lock()
         try:
@@ -53,8 +57,9 @@ class DeviceClient:
             res.set_expiry(timeout)
             return res.value
         except (EOFError, ConnectionError, OSError) as e:
-            raise DeviceError(f"device {self.name!r} ({self.host}:{self.port}) is gone: {type(e).__name__}: {e} "
-                              f"(process died or was OOM-killed? see its log)") from None
+            why = self.diagnose() if self.diagnose else "process died or was OOM-killed? see its log"
+            raise DeviceError(f"device {self.name!r} at {self.host}:{self.port} is gone ({type(e).__name__}: {e}) "
+                              f"{why}") from None
         except rpyc.AsyncResultTimeout:
             raise DeviceError(f"device {self.name!r}: {method} took longer than {timeout or self.timeout:.0f} s") from None
         except DeviceError:
@@ -81,6 +86,7 @@ class DeviceClient:
 
     def load_stage(self, model: str, start: int, stop: int, dtype: str = "float32", seed: int = 0,
                    timeout: float = LONG_TIMEOUT_S) -> dict:
+        weights.prepare_for_devices(model)  # here, never inside the device's memory share (weights.py)
         spec = {"model": model, "start": int(start), "stop": int(stop), "dtype": dtype, "seed": int(seed)}
         return self._json("load_stage", json.dumps(spec), timeout=timeout)
 
@@ -104,6 +110,7 @@ class DeviceClient:
     def profile_units(self, model: str, start: int, stop: int, dtype: str = "float32", context_tokens: int = 128,
                       prefill_tokens: int = 32, repeats: int = 5, seed: int = 0,
                       timeout: float = LONG_TIMEOUT_S) -> dict:
+        weights.prepare_for_devices(model)
         spec = {"model": model, "start": start, "stop": stop, "dtype": dtype, "context_tokens": context_tokens,
                 "prefill_tokens": prefill_tokens, "repeats": repeats, "seed": seed}
         return self._json("profile_units", json.dumps(spec), timeout=timeout)

@@ -866,6 +866,9 @@ def _peer(sock) -> str:
         return "?"
 
 
+DEVICE_ROLE_ENV = "EDGESHARD_ROLE"  # read by model.py before it prepares weights
+
+
 def serve(host: str, port: int, token_file: str | None = None, device: str = "cpu", name: str | None = None,
           data_port: int = 0, memory_gib: float | None = None, auth_timeout: float = auth.DEFAULT_TIMEOUT_S,
           ready=None) -> None:
@@ -915,6 +918,8 @@ def build_parser(prog: str = "edgeshard serve") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A device process never converts weights (model.py, ALLOW_PREPARE): its memory share is sized for its shard.
+    os.environ[DEVICE_ROLE_ENV] = "device"
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
