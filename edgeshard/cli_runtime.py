@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, EdgeshardError
+from .cli import one_line, print_error
+from .errors import ConfigError
 
 
 def _print_state(state: dict) -> None:
@@ -34,9 +35,9 @@ def cmd_testbed(args) -> int:
         if not args.local:
             ok, why = testbeds.mode_available()
             if not ok:
-                print(f"edgeshard: cannot emulate this testbed in the kernel: {why}\n"
-                      f"  use `edgeshard testbed up {args.testbed} --local` (devices as local processes; the data "
-                      f"plane applies each link's bandwidth and latency in the application)", file=sys.stderr)
+                print_error(f"cannot emulate this testbed in the kernel: {one_line(why)} (use `edgeshard testbed up "
+                            f"{args.testbed} --local`: devices as local processes; the data plane applies each "
+                            f"link's bandwidth and latency in the application)")
                 return 2
         state = testbeds.up(args.testbed, local=args.local, state_dir=args.state_dir)
         _print_state(state)
@@ -48,7 +49,8 @@ def cmd_testbed(args) -> int:
     if args.action == "status":
         state = testbeds.status(args.testbed, args.state_dir)
         if state is None:
-            print(f"edgeshard: testbed {args.testbed} is not up", file=sys.stderr)
+            print_error(f"testbed {args.testbed} is not up (start it with `edgeshard testbed up TESTBED.toml "
+                        f"--local`)")
             return 1
         if args.json:
             print(json.dumps(state, indent=1, sort_keys=True))

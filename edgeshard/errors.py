@@ -32,3 +32,10 @@ class InfeasibleError(EdgeshardError):
 
 class PlanError(EdgeshardError, ValueError):
     """A plan breaks the cost model's rules (coverage, source pinning, devices, memory)."""
+
+
+class PlanRefused(PlanError):
+    """A given plan (`edgeshard plan ... --from PLAN.json`) breaks a rule of the cost model; the message names every
+    rule it breaks. CLI exit code 2, as for an infeasible plan."""
+
+    exit_code = 2

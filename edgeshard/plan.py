@@ -1,6 +1,8 @@
 """Plan: ordered stages + objective + predicted costs; JSON I/O and diffs. Stdlib only.
 
 plan.json is byte-identical for identical inputs: keys sorted, floats written by repr, no timestamps.
+A hand-written plan needs only "stages" (docs/formats.md); `edgeshard plan ... --from` judges it with the one
+cost evaluator (costs.CostModel) and fills in its predictions.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, PlanError
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,71 @@ class Plan:
         Path(path).write_text(self.dumps())
 
 
+PLAN_KEYS = ("objective", "strategy", "model", "testbed", "workload", "feasible", "stages", "predicted", "notes")
+STAGE_KEYS = ("device", "start", "stop")
+MANUAL = "manual"  # the strategy of a hand-written plan (a file with only "stages", optionally "objective")
+
+
+_JSON_TYPE = {str: "string", dict: "object", bool: "boolean (true or false)", list: "list"}
+
+
+def _objectives() -> tuple[str, ...]:
+    from .costs import OBJECTIVES  # costs imports this module: import it when a plan is read
+    return OBJECTIVES
+
+
+def _stage(raw, i: int, where: str) -> Stage:
+    key = f"{where}: stages[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"is {json.dumps(raw)}, not an object",
+                          'write each stage as {"device": "NAME", "start": FIRST_UNIT, "stop": ONE_PAST_LAST}')
+    for k in raw:
+        if k not in STAGE_KEYS:
+            raise ConfigError(key, f"unknown key {k!r}", f"a stage has only {', '.join(STAGE_KEYS)}")
+    for k in STAGE_KEYS:
+        if k not in raw:
+            raise ConfigError(key, f"missing required key {k!r}", f"a stage needs {', '.join(STAGE_KEYS)}")
+    if not isinstance(raw["device"], str) or not raw["device"]:
+        raise ConfigError(f"{key}.device", f"{raw['device']!r} is not a device name", "use a device name of the testbed")
+    for k in ("start", "stop"):
+        v = raw[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{key}.{k}", f"{v!r} is not a unit index", "use a whole number >= 0")
+    if raw["stop"] <= raw["start"]:
+        raise ConfigError(key, f"[{raw['start']}, {raw['stop']}) on {raw['device']!r} is empty",
+                          "stages are half-open unit ranges [start, stop) with start < stop")
+    return Stage(raw["device"], raw["start"], raw["stop"])
+
+
 def from_dict(raw: dict, where: str = "<plan>") -> Plan:
-    try:
-        stages = tuple(Stage(s["device"], int(s["start"]), int(s["stop"])) for s in raw["stages"])
-        return Plan(raw["objective"], raw["strategy"], stages, raw.get("predicted", {}), raw.get("model", ""),
-                    raw.get("testbed", ""), raw.get("workload", {}), tuple(raw.get("notes", ())),
-                    raw.get("feasible", True))
-    except KeyError as e:
-        raise ConfigError(where, f"missing required key {e.args[0]!r}", "write plans with `edgeshard plan -o`") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(where, f"malformed stages: {e}", "each stage needs device, start < stop") from None
+    """A plan from its JSON object. Only "stages" is required: a hand-written plan may give just the stages
+    (and "objective", default "latency"); its strategy is then "manual" and its predictions empty until
+    `edgeshard plan TESTBED PROFILE --from PLAN.json` fills them in. Unknown keys are errors."""
+    hint = "write plans with `edgeshard plan -o`, or by hand with only \"stages\" (docs/formats.md)"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"is a JSON {type(raw).__name__}, not an object", hint)
+    for k in raw:
+        if k not in PLAN_KEYS:
+            raise ConfigError(where, f"unknown key {k!r}", f"a plan has only {', '.join(PLAN_KEYS)}")
+    if "stages" not in raw:
+        raise ConfigError(where, "missing required key 'stages'", hint)
+    if not isinstance(raw["stages"], list):
+        raise ConfigError(f"{where}: stages", "is not a list", "write a list of {\"device\", \"start\", \"stop\"} objects")
+    stages = tuple(_stage(s, i, where) for i, s in enumerate(raw["stages"]))
+    objective = raw.get("objective", "latency")
+    if objective not in _objectives():
+        raise ConfigError(f"{where}: objective", f"{objective!r} is not an objective",
+                          f"use one of {', '.join(_objectives())}")
+    types = {"strategy": str, "model": str, "testbed": str, "workload": dict, "feasible": bool, "predicted": dict,
+             "notes": list}
+    for k, t in types.items():
+        if k in raw and not isinstance(raw[k], t):
+            raise ConfigError(f"{where}: {k}", f"{raw[k]!r} is not a JSON {_JSON_TYPE[t]}",
+                              "fix the value or leave the key out")
+    strategy = raw.get("strategy") or MANUAL
+    return Plan(objective, strategy, stages, raw.get("predicted", {}), raw.get("model", ""),
+                raw.get("testbed", ""), raw.get("workload", {}), tuple(str(n) for n in raw.get("notes", ())),
+                raw.get("feasible", True))
 
 
 def load(path: str | Path) -> Plan:
@@ -72,8 +129,11 @@ def load(path: str | Path) -> Plan:
         raw = json.loads(path.read_text())
     except OSError as e:
         raise ConfigError(str(path), f"cannot read plan: {e.strerror}", "check the path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not a text file", "give a plan.json") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(str(path), f"not valid JSON: {e}", "write plans with `edgeshard plan -o`") from None
+        raise ConfigError(str(path), f"not valid JSON: {e}", "fix the syntax at the line shown, or write plans "
+                          "with `edgeshard plan -o`") from None
     return from_dict(raw, str(path))
 
 
@@ -88,7 +148,8 @@ def diff(a: Plan, b: Plan) -> dict:
     """
     ua, ub = a.device_of_unit(), b.device_of_unit()
     if len(ua) != len(ub):
-        raise ValueError(f"plans cover {len(ua)} and {len(ub)} units: they are for different models")
+        raise PlanError(f"the plans cover {len(ua)} and {len(ub)} units: they are for different models "
+                        "(compare plans for the same model)")
     moved, i = [], 0
     while i < len(ua):
         if ua[i] == ub[i]:

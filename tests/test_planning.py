@@ -215,3 +215,68 @@ def test_plan_predicts_the_pipeline_for_its_sequences_in_flight():
     assert one["pipeline_tokens_per_s"] < many <= one["throughput_tokens_per_s"]
     with pytest.raises(ValueError, match="sequences = 0"):
         Workload(10, 5, sequences=0)
+
+
+def test_hand_written_plan_gets_the_evaluators_predictions(tmp_path, capsys):
+    """A plan file with only "stages" (optionally "objective") is read everywhere with strategy "manual";
+    `plan --from` fills in its predictions with the one evaluator (costs.CostModel), as for every strategy."""
+    from edgeshard import plan as planm
+
+    tbp = str(ROOT / "testbed_configs" / "paper-latency.toml")
+    tb = tbm.load(tbp)
+    pr = synthetic_profile(tb, "llama2-7b")
+    pr.save(tmp_path / "p.json")
+    stages = [{"device": "nx-0", "start": 0, "stop": 10}, {"device": "cloud", "start": 10, "stop": 34}]
+    (tmp_path / "hand.json").write_text(json.dumps({"stages": stages}))
+    hand = planm.load(tmp_path / "hand.json")
+    assert (hand.strategy, hand.objective, hand.predicted, hand.feasible) == ("manual", "latency", {}, True)
+    assert main(["plan", tbp, str(tmp_path / "p.json"), "--from", str(tmp_path / "hand.json"), "--json",
+                 "--sequences", "2", "-o", str(tmp_path / "filled.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == json.loads((tmp_path / "filled.json").read_text())
+    assert out["strategy"] == "manual" and out["feasible"] and out["stages"] == stages and out["model"] == "llama2-7b"
+    want = CostModel(tb, pr).evaluate([Stage(**s) for s in stages], Workload(128, 128, 2))
+    assert out["predicted"] == json.loads(json.dumps(want))
+    # the objective comes from the file unless given; the workload from the file unless given
+    (tmp_path / "thr.json").write_text(json.dumps({"stages": stages, "objective": "throughput"}))
+    assert main(["plan", tbp, str(tmp_path / "p.json"), "--from", str(tmp_path / "thr.json")]) == 0
+    assert "plan: manual / objective throughput" in capsys.readouterr().out
+    assert main(["plan", tbp, str(tmp_path / "p.json"), "--from", str(tmp_path / "filled.json"), "--json",
+                 "--objective", "e2e"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["objective"] == "e2e" and again["workload"]["sequences"] == 2
+    assert again["predicted"] == out["predicted"]
+    # a hand-written plan (no predictions) diffs against a planned one
+    assert main(["plan", tbp, str(tmp_path / "p.json"), "-o", str(tmp_path / "es.json")]) == 0
+    capsys.readouterr()
+    assert main(["plan-diff", str(tmp_path / "hand.json"), str(tmp_path / "es.json")]) == 0
+    assert "manual/latency" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stages,reason", [
+    ([("nx-0", 0, 34)], "stage nx-0[0, 34) needs 26.10 GiB, nx-0 holds 14.00 GiB"),
+    ([("cloud", 0, 34)], "the first stage runs on 'cloud', not on the source 'nx-0'"),
+    ([("nx-0", 0, 10), ("cloud", 12, 34)], "stage cloud[12, 34) does not continue at unit 10"),
+    ([("nx-0", 0, 10), ("cloud", 10, 30)], "the stages end at unit 30, the model has 34"),
+    ([("nx-0", 0, 10), ("tx2", 10, 34)], "device 'tx2' is not in testbed 'paper-latency'"),
+    ([("nx-0", 0, 5), ("cloud", 5, 20), ("nx-0", 20, 34)], "device 'nx-0' holds more than one stage"),
+], ids=["memory", "source", "gap", "short", "unknown-device", "twice"])
+def test_hand_written_plan_breaking_a_rule_is_refused(tmp_path, stages, reason):
+    tbp = ROOT / "testbed_configs" / "paper-latency.toml"
+    synthetic_profile(tbm.load(tbp), "llama2-7b").save(tmp_path / "p.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"stages": [{"device": d, "start": a, "stop": b}
+                                                              for d, a, b in stages]}))
+    r = subprocess.run([sys.executable, "-m", "edgeshard", "plan", str(tbp), "p.json", "--from", "bad.json"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "bad.json: refused" in r.stderr and reason in r.stderr, r.stderr
+
+
+def test_hand_written_plan_for_another_model_is_refused(tmp_path, capsys):
+    tbp = str(ROOT / "testbed_configs" / "paper-latency.toml")
+    synthetic_profile(tbm.load(tbp), "llama2-7b").save(tmp_path / "p.json")
+    (tmp_path / "x.json").write_text(json.dumps({"model": "llama2-13b", "stages": [
+        {"device": "nx-0", "start": 0, "stop": 10}, {"device": "cloud", "start": 10, "stop": 34}]}))
+    assert main(["plan", tbp, str(tmp_path / "p.json"), "--from", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "x.json: refused: the plan is for model 'llama2-13b'" in err and "'llama2-7b'" in err
