@@ -38,9 +38,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# LAB_ARGS: extra JupyterLab options (e.g. LAB_ARGS="--port 8899")
 lab: $(STAMP)
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser $(ALLOW_ROOT) --ServerApp.root_dir=notebooks \
-		--LabApp.default_url=/lab/tree/00_paper.ipynb
+		--LabApp.default_url=/lab/tree/00_paper.ipynb $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

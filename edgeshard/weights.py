@@ -46,8 +46,11 @@ LAYOUT_VERSION = 2
 SHARD_BYTES = 64 << 20
 # Quantised bytes dequantised at a time (dequantising 4-bit blocks makes float temporaries several times this).
 CHUNK_BYTES = 4 << 20
-PREPARED_MODELS = ("smollm2-135m",)
 KINDS = ("weights", "tokenizer")
+# What each model needs converted before devices load it: tiny-llama (random weights, catalog.py) shares the
+# SmolLM2 tokenizer.
+NEEDS = {"smollm2-135m": KINDS, "tiny-llama": ("tokenizer",)}
+PREPARED_MODELS = tuple(NEEDS)
 DTYPE = "float32"  # the cache holds fp32; stages cast to their dtype on load
 
 
@@ -128,20 +131,18 @@ def prepare(kind: str) -> Path:
 
 
 def prepare_model(model: str) -> list[Path]:
-    """Everything `model` needs on disk before devices load it (nothing for random-weight models or folders)."""
-    if model not in PREPARED_MODELS:
-        return []
-    return [prepare(k) for k in KINDS]
+    """Everything `model` needs on disk before devices load it (nothing for other random-weight models or folders)."""
+    return [prepare(k) for k in NEEDS.get(model, ())]
 
 
 def prepare_for_devices(model: str) -> None:
     """Called by the controller (device/client.py) before it asks devices to load or profile `model`: devices on
     this machine share its cache dir and find the weights ready. A controller without the GGUF or torch skips this;
     each device then needs `edgeshard prepare` on its own machine, and says so if it is missing."""
-    if model not in PREPARED_MODELS:
+    if model not in NEEDS:
         return
     try:
-        if all(is_prepared(k) for k in KINDS):
+        if all(is_prepared(k) for k in NEEDS[model]):
             return
         if importlib.util.find_spec("torch") is None or importlib.util.find_spec("gguf") is None:
             return

@@ -52,7 +52,6 @@ _MODULE_MARKS = {
     "test_demo": ("slow", "weights"),
     "test_notebooks": ("slow", "weights"),
     "test_cli_runtime": ("slow",),
-    "test_cli_errors": ("slow",),
     "test_runtime": ("slow", "weights"),
     "test_profiler": ("slow",),
     "test_report": ("slow",),
@@ -75,3 +74,29 @@ def pytest_unconfigure(config):
 def test_root() -> Path:
     """The session's private root (its subfolders are the dirs set above)."""
     return _ROOT
+
+
+PLAIN_UID = 65534  # nobody
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Can a user with no group in common execute/read `path` (every parent traversable by others)?"""
+    path = path.resolve()
+    if not path.stat().st_mode & 0o005:
+        return False
+    return all(p.stat().st_mode & 0o001 for p in path.parents)
+
+
+@pytest.fixture
+def plain_user() -> tuple[int | None, str]:
+    """(uid to drop to, "") when the suite runs as root and a plain user can run this venv; (None, why) otherwise
+    (not root: the suite already runs as a plain user; or the interpreter lives where others cannot reach it, as
+    on machines whose Python is under /root)."""
+    import sys
+
+    if os.geteuid() != 0:
+        return None, "the suite already runs as a plain user"
+    for p in (Path(sys.executable), Path(__file__).resolve().parent.parent / "edgeshard" / "__init__.py"):
+        if not _reachable_by_others(p):
+            return None, f"{p.resolve()} is not reachable by other users (a parent folder is private)"
+    return PLAIN_UID, ""
