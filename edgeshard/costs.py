@@ -16,10 +16,19 @@ each device at most once, excluded devices unused, required devices used, at mos
   bounds the rate. Latency and e2e do not add it: in a one-sequence run that cost sits between two stages, inside
   the measured one-way link latency (the profiler times frames through the same receive and send paths), and
   counting it there too would count it twice (docs/emulation.md has the measurements behind both).
+- shared cores (the testbed's [[shared_cores]]: devices that run on one machine with `cores` cores): in a
+  pipeline, stages compute at the same time. When a plan puts k > cores of its stages on one such group, at most
+  `cores` of them compute at once, so a busy stage gets cores / k of a core: every pipelined stage on the group
+  is charged the contention factor k / cores (costs.CostModel.contention). The bottleneck uses the factor for
+  k stages busy (the rate as the sequences in flight grow); the closed-pipeline rate for N sequences caps its
+  rate at 1 / max(pipelined x factor) with at most min(N, k) of them busy. One sequence keeps one device busy at
+  a time, so latency and e2e (one sequence) are never charged. docs/emulation.md ("Shared cores") has the
+  measurements and why this charge and not another.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -98,6 +107,14 @@ class CostModel:
         self.prefill_prefix = {d: _prefix(profile.devices[d].prefill_s_per_token) for d in self.devices}
         self.overhead = {d: profile.devices[d].step_overhead_s for d in self.devices}
         self.memory_limit = {d: testbed.usable_memory_bytes(d) for d in testbed.names}
+        # shared cores: group index per usable device, and (usable devices, cores) per group
+        self.group_of: dict[str, int] = {}
+        self.groups: list[tuple[tuple[str, ...], float]] = []
+        for g in testbed.shared_cores:
+            usable = tuple(d for d in g.devices if d in self.devices)
+            for d in usable:
+                self.group_of[d] = len(self.groups)
+            self.groups.append((usable, g.cores))
         self._links = {}
         for a in testbed.names:
             for b in testbed.names:
@@ -114,6 +131,23 @@ class CostModel:
         """A pipelined stage's time per step: decode + the device's step_overhead_s (the planner adds them in this
         order, so both get the same float)."""
         return self.decode(device, start, stop) + self.overhead[device]
+
+    def contention(self, devices, sequences: int | None = None) -> dict[str, float]:
+        """Contention factor of each device of a plan (the devices of its stages) in a pipeline: for a device in a
+        [[shared_cores]] group with `cores` cores that holds k of the plan's stages, max(1, k / cores); 1 for
+        other devices. With `sequences` N in flight at most min(N, k) of them are busy at once; None: as many as
+        the plan puts there (the bottleneck's case). The planner computes the same expression for its classes."""
+        devices = list(devices)
+        used = Counter(self.group_of[d] for d in devices if d in self.group_of)
+        out = {}
+        for d in devices:
+            g = self.group_of.get(d)
+            if g is None:
+                out[d] = 1.0
+                continue
+            k = used[g] if sequences is None else min(used[g], sequences)
+            out[d] = max(1.0, k / self.groups[g][1])
+        return out
 
     def prefill(self, device: str, start: int, stop: int) -> float:
         p = self.prefill_prefix[device]
@@ -180,21 +214,28 @@ class CostModel:
             bad = self.violations(stages)
             if bad:
                 raise PlanError("invalid plan: " + "; ".join(bad))
-        P, G = workload.prompt_tokens, workload.new_tokens
+        P, G, N = workload.prompt_tokens, workload.new_tokens, workload.sequences
         per_stage = []
         latency = prefill_total = 0.0
         bottleneck = 0.0
         servers, delay = [], 0.0  # the closed pipeline: stages and link transmissions; latencies
+        devices = [s.device for s in stages]
+        factor, factor_n = self.contention(devices), self.contention(devices, N)
+        cap = 0.0  # the slowest pipelined stage with N sequences in flight, contention included
         for p, s in enumerate(stages):
             dec = self.decode(s.device, s.start, s.stop)
             pre = self.prefill(s.device, s.start, s.stop) * P
             piped = self.pipelined(s.device, s.start, s.stop)
+            contended = piped * factor[s.device]
             entry = {"device": s.device, "start": s.start, "stop": s.stop, "decode_s": dec, "pipelined_s": piped,
                      "prefill_s": pre, "memory_bytes": self.memory(s.start, s.stop),
                      "memory_limit_bytes": self.memory_limit[s.device]}
+            if s.device in self.group_of:
+                entry["contention"], entry["contended_s"] = factor[s.device], contended
             latency += dec
             prefill_total += pre
-            bottleneck = max(bottleneck, piped)
+            bottleneck = max(bottleneck, contended)
+            cap = max(cap, piped * factor_n[s.device])
             servers.append(piped)
             if p + 1 < len(stages):
                 nxt = stages[p + 1].device
@@ -216,17 +257,82 @@ class CostModel:
         latency += r
         prefill_total += r
         bottleneck = max(bottleneck, r)
-        return {
+        rate = closed_pipeline_rate(servers, delay, N)
+        shared = []
+        for g, (members, cores) in enumerate(self.groups):
+            on = [d for d in devices if self.group_of.get(d) == g]
+            if on:
+                shared.append({"devices": on, "cores": cores, "busy": min(len(on), N),
+                               "factor": factor_n[on[0]], "factor_all_busy": factor[on[0]]})
+        if any(f > 1.0 for f in factor_n.values()) and cap > 0:
+            rate = min(rate, 1.0 / cap)  # at most `cores` of a group's busy stages compute at once
+        out = {
             "latency_s": latency,
             "e2e_s": prefill_total + (G - 1) * latency,
             "prefill_s": prefill_total,
             "bottleneck_s": bottleneck,
             "throughput_tokens_per_s": (1.0 / bottleneck) if bottleneck > 0 else float("inf"),
             "sequences": workload.sequences,
-            "pipeline_tokens_per_s": closed_pipeline_rate(servers, delay, workload.sequences),
+            "pipeline_tokens_per_s": rate,
             "return_s": r,
             "stages": per_stage,
         }
+        if shared:
+            out["shared_cores"] = shared
+        return out
+
+
+def names_in_words(names) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def unmodelled_sharing(cm: CostModel, stages, sequences: int) -> list[str]:
+    """Why a pipeline prediction cannot hold, in words (empty when nothing is known against it): devices of the
+    plan that the profile found on one machine (provenance "hosts", written by the profiler) where more of them
+    compute at once than the machine has cores, while the testbed declares no [[shared_cores]] group holding
+    them all, so the cost model charges nothing for it; or a group declared with more cores than that machine
+    has. On an emulated testbed a throttled device needs only its cpu_share of a core; on a local one every
+    device process wants a whole core (cpu_share is not enforced there)."""
+    prov = cm.profile.provenance if isinstance(cm.profile.provenance, dict) else {}
+    hosts = prov.get("hosts")
+    if not isinstance(hosts, list):
+        return []
+    emulated = prov.get("testbed_mode") == "emulated"
+    used = [s.device for s in stages]
+    out = []
+    for h in hosts:
+        if not isinstance(h, dict) or not isinstance(h.get("devices"), list):
+            continue
+        on = [d for d in used if d in h["devices"]]
+        busy = min(len(on), sequences)
+        if busy < 2:
+            continue
+        cores = h.get("cores") if isinstance(h.get("cores"), (int, float)) else None
+        where = f"{h.get('hostname') or 'one machine'}, {f'{cores:g} cores' if cores else 'cores unknown'}"
+        groups = {cm.group_of.get(d) for d in on}
+        if len(groups) == 1 and None not in groups:  # declared: the cost model charges it
+            declared = cm.groups[groups.pop()][1]
+            if cores is not None and declared > cores:
+                out.append(f"the testbed declares {declared:g} shared cores for {names_in_words(on)}, but the "
+                           f"machine they were profiled on ({where}) has {cores:g}: contention is charged too "
+                           f"little (set cores = {cores:g} in its [[shared_cores]])")
+            continue
+
+        def need(d):
+            share = cm.testbed.device(d).cpu_share if d in cm.testbed.names else None
+            return share if emulated and share is not None and share < 1 else 1.0
+
+        demand = sum(sorted((need(d) for d in on), reverse=True)[:busy])
+        if cores is not None and demand <= cores + 1e-9:
+            continue
+        out.append(f"{names_in_words(on)} run on one machine ({where}) and the testbed declares no [[shared_cores]] "
+                   f"for them: with {sequences} sequences in flight {busy} of them compute at once, "
+                   f"{f'wanting {demand:g} of its {cores:g} cores' if cores else 'on cores they share'}, which this "
+                   f"prediction does not charge (declare them: [[shared_cores]] devices = [...], cores = "
+                   f"{f'{cores:g}' if cores else 'N'}; docs/formats.md)")
+    return out
 
 
 def objective_value(predicted: dict, objective: str) -> float:

@@ -25,11 +25,21 @@ Tables (K classes, class 0 = the source alone; S = prod over classes 1..K-1 of (
 For throughput, among all plans with the optimal bottleneck we return the one of least latency: a second,
 additive pass restricted to stages, hops and return no slower than the optimal bottleneck b* (any plan in that
 restricted space has bottleneck exactly b*), which is an exact lexicographic optimum.
+
+Shared cores (throughput only; costs.CostModel.contention): a pipelined stage on a [[shared_cores]] group with
+c cores costs (decode + overhead) * max(1, k / c), where k is how many of the plan's stages the group holds, a
+number only the finished plan knows. Classes never straddle a group (group membership is part of a class's
+signature), so k is a sum of entries of the count vector. The DP guesses k: for every combination over the
+groups of "k <= c" (factor 1) or one k in (c, size of the group], it runs both passes with that factor on the
+group's classes and keeps only final states whose count vector has exactly that k (or k <= c). Every plan is
+then judged with its own factor, as the evaluator judges it, and the best over the guesses is the optimum:
+b* = min over guesses of the guess's bottleneck; the least-latency pass runs under each guess with bound b*.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +63,8 @@ def device_classes(cm: CostModel) -> list[tuple[str, ...]]:
     def base(d):
         if d == cm.source:
             return (0,)
-        return (1, cm.decode_prefix[d], cm.prefill_prefix[d], cm.overhead[d], cm.memory_limit[d])
+        return (1, cm.decode_prefix[d], cm.prefill_prefix[d], cm.overhead[d], cm.memory_limit[d],
+                cm.group_of.get(d, -1))
 
     groups: dict = {}
     for d in devs:
@@ -115,6 +126,7 @@ class _Tables:
     hop1: np.ndarray  # (K, K, N) decode hop (T = 1)
     ret: np.ndarray  # (K,)
     ret1: np.ndarray  # (K,)
+    group: np.ndarray  # (K,) the [[shared_cores]] group of class k (costs.CostModel.groups), -1 for none
 
 
 def _tables(cm: CostModel, objective: str, workload: Workload) -> _Tables:
@@ -160,7 +172,9 @@ def _tables(cm: CostModel, objective: str, workload: Workload) -> _Tables:
     ret1 = np.array([cm.ret(d) for d in rep])
     ret = G * ret1 if objective == "e2e" else ret1
     overhead = np.array([cm.overhead[d] for d in rep], dtype=np.float64)
-    return _Tables(classes, caps, req, strides, S, most, stage_pre, decode_pre, overhead, lo, hop, hop1, ret, ret1)
+    group = np.array([cm.group_of.get(d, -1) for d in rep], dtype=np.int64)
+    return _Tables(classes, caps, req, strides, S, most, stage_pre, decode_pre, overhead, lo, hop, hop1, ret, ret1,
+                   group)
 
 
 def _counts(t: _Tables) -> np.ndarray:
@@ -172,12 +186,41 @@ def _counts(t: _Tables) -> np.ndarray:
     return np.array(rows)
 
 
-def _dp(t: _Tables, mode: str, bound: float | None = None):
+def _contention_guesses(cm: CostModel, t: _Tables):
+    """[(factor per class (K,), allowed final count vectors (S,) bool)]: one per combination of a guessed k per
+    [[shared_cores]] group ("k <= cores", factor 1, or one k above it, factor k / cores), in a fixed order."""
+    K = len(t.classes)
+    counts = _counts(t)
+    options = []  # per group that can be over-committed: [(k or None, mask over S)]
+    for g, (members, cores) in enumerate(cm.groups):
+        in_g = counts[t.group == g].sum(axis=0)  # (S,) devices of group g a count vector uses (source included)
+        ks = [k for k in range(1, len(members) + 1) if k > cores]
+        if not ks:
+            continue
+        options.append([(g, None, in_g <= cores)] + [(g, k, in_g == k) for k in ks])
+    out = []
+    for combo in itertools.product(*options):
+        factor = np.ones(K)
+        ok = np.ones(t.S, dtype=bool)
+        for g, k, mask in combo:
+            if k is not None:
+                factor[t.group == g] = max(1.0, k / cm.groups[g][1])  # the evaluator's expression (costs.py)
+            ok &= mask
+        out.append((factor, ok))
+    return out
+
+
+def _dp(t: _Tables, mode: str, bound: float | None = None, factor: np.ndarray | None = None,
+        allowed: np.ndarray | None = None):
     """Run the table DP. mode "sum" or "max". "max" is the bottleneck: a stage there costs its pipelined time,
-    decode + the device's step overhead. bound: drop stages (by pipelined time), hops (T=1) and returns slower
-    than it (the throughput tie-break pass). Returns (value, last class, count index, parents)."""
+    decode + the device's step overhead, times its class's contention factor (default 1). bound: drop stages
+    (by pipelined time x factor), hops (T=1) and returns slower than it (the throughput tie-break pass).
+    allowed: (S,) only these final count vectors (a contention guess). Returns (value, last class, count index,
+    parents)."""
     K, N1 = len(t.classes), t.stage_pre.shape[1]
     N, S = N1 - 1, t.S
+    if factor is None:
+        factor = np.ones(K)
     comb = np.add if mode == "sum" else np.maximum
     hop = t.hop if bound is None else np.where(t.hop1 <= bound, t.hop, INF)
     ret = t.ret if bound is None else np.where(t.ret1 <= bound, t.ret, INF)
@@ -193,8 +236,8 @@ def _dp(t: _Tables, mode: str, bound: float | None = None):
             continue
         cost = t.stage_pre[0, j] - t.stage_pre[0, 0]
         if mode == "max":
-            cost = cost + t.overhead[0]
-        if bound is not None and (t.decode_pre[0, j] - t.decode_pre[0, 0]) + t.overhead[0] > bound:
+            cost = (cost + t.overhead[0]) * factor[0]
+        if bound is not None and ((t.decode_pre[0, j] - t.decode_pre[0, 0]) + t.overhead[0]) * factor[0] > bound:
             continue
         V[j, 0, 0] = cost
     for j in range(1, N1):
@@ -217,14 +260,17 @@ def _dp(t: _Tables, mode: str, bound: float | None = None):
             block = IN[m, lo:j]  # (j - lo, S)
             stage = t.stage_pre[m, j] - t.stage_pre[m, lo:j]  # (j - lo,)
             if mode == "max":
-                stage = stage + t.overhead[m]
+                stage = (stage + t.overhead[m]) * factor[m]
             if bound is not None:
-                stage = np.where((t.decode_pre[m, j] - t.decode_pre[m, lo:j]) + t.overhead[m] <= bound, stage, INF)
+                stage = np.where(((t.decode_pre[m, j] - t.decode_pre[m, lo:j]) + t.overhead[m]) * factor[m] <= bound,
+                                 stage, INF)
             cand = comb(block, stage[:, None])
             V[j, m] = cand.min(axis=0)
             par_i[j, m] = cand.argmin(axis=0) + lo
     final = comb(V[N], ret[:, None])  # (K, S)
     ok = np.all(counts >= t.req[:, None], axis=0) & (counts[1:].sum(axis=0) <= t.most)
+    if allowed is not None:
+        ok &= allowed
     final = np.where(ok[None, :], final, INF)
     flat = int(np.argmin(final))  # first minimum in (class, count) order: deterministic
     m, s = divmod(flat, S)
@@ -306,9 +352,12 @@ def solve(testbed: Testbed, profile: Profile, objective: str = "latency",
                               f"but max_stages = {c.max_stages}: raise max_stages or shorten require")
     t = _tables(cm, "latency" if objective == "throughput" else objective, workload)
     if objective == "throughput":
-        best, m, s, parents = _dp(t, "max")
+        guesses = _contention_guesses(cm, t)  # one (factor 1, every count allowed) without shared cores
+        best = min(_dp(t, "max", factor=f, allowed=a)[0] for f, a in guesses)
         if np.isfinite(best):
-            best2, m, s, parents = _dp(t, "sum", bound=best)  # least latency among bottleneck-optimal plans
+            # least latency among bottleneck-optimal plans, over every guess (first minimum in guess order)
+            best2, m, s, parents = min((_dp(t, "sum", bound=best, factor=f, allowed=a) for f, a in guesses),
+                                       key=lambda r: r[0])
             assert np.isfinite(best2), "the bottleneck-optimal plan must survive its own bound"
     else:
         best, m, s, parents = _dp(t, "sum")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,22 @@ from .errors import ConfigError
 GIB = 2**30
 MBIT_S = 1e6 / 8  # bytes per second in one Mbit/s
 
-TOP_KEYS = {"name", "source", "cloud", "token_file", "defaults", "constraints", "device", "link", "description"}
+TOP_KEYS = {"name", "source", "cloud", "token_file", "defaults", "constraints", "device", "link", "description",
+            "shared_cores"}
 DEVICE_KEYS = {"name", "host", "port", "memory_gib", "kind", "cpu_share"}
 LINK_KEYS = {"src", "dst", "bandwidth_mbit_s", "latency_ms", "directed"}
 DEFAULT_KEYS = {"bandwidth_mbit_s", "latency_ms"}
 CONSTRAINT_KEYS = {"context_tokens", "sequences", "memory_headroom", "exclude", "require", "max_stages"}
+SHARED_CORES_KEYS = {"devices", "cores"}
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity; os.cpu_count where that is unknown): what
+    `cores = "auto"` of a [[shared_cores]] table becomes when the testbed is loaded."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,16 @@ class Link:
 
 
 @dataclass(frozen=True)
+class SharedCores:
+    """Devices that run on one machine and share its `cores` (docs/formats.md, [[shared_cores]]). In pipeline
+    mode at most `cores` of them compute at once; the cost model charges the rest (costs.CostModel.contention)."""
+
+    devices: tuple[str, ...]
+    cores: float  # > 0; "auto" in the file is resolved to machine_cores() when it is loaded
+    auto: bool = field(default=False, compare=False)  # the file said "auto" (dumps writes the resolved number)
+
+
+@dataclass(frozen=True)
 class Constraints:
     context_tokens: int = 1024  # tokens of KV cache reserved per sequence
     sequences: int = 1  # sequences in flight to reserve KV cache for
@@ -75,6 +97,14 @@ class Testbed:
     cloud: str | None = None  # the cloud device, for the Cloud-Edge baselines
     token_file: str | None = None  # shared secret for device servers
     path: str | None = None  # file it was read from, for messages
+    shared_cores: tuple[SharedCores, ...] = ()  # devices sharing one machine's cores (disjoint groups)
+
+    def sharing(self, name: str) -> SharedCores | None:
+        """The [[shared_cores]] group a device belongs to, or None."""
+        for g in self.shared_cores:
+            if name in g.devices:
+                return g
+        return None
 
     def device(self, name: str) -> Device:
         for d in self.devices:
@@ -262,8 +292,39 @@ def from_dict(raw: dict, where: str = "<testbed>") -> Testbed:
         memory_headroom=_number(w, c, "memory_headroom", 0.0, positive=False, minimum=0, maximum=1),
         exclude=exclude, require=require, max_stages=max_stages)
     token_file = _string(where, raw, "token_file", required=False)
+    shared = _shared_cores(where, raw.get("shared_cores", []), known)
     return Testbed(name, source, tuple(devices), dbw * MBIT_S, dlat / 1000,
-                   tuple(links[k] for k in sorted(links)), constraints, cloud, token_file, where)
+                   tuple(links[k] for k in sorted(links)), constraints, cloud, token_file, where, shared)
+
+
+def _shared_cores(where: str, raw, known) -> tuple[SharedCores, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(where, "shared_cores is not an array of tables", "write each group as [[shared_cores]]")
+    out: list[SharedCores] = []
+    seen: dict[str, int] = {}
+    for i, g in enumerate(raw):
+        w = f"{where}: shared_cores[{i}]"
+        if not isinstance(g, dict):
+            raise ConfigError(w, "is not a table", "write it as [[shared_cores]]")
+        _unknown(w, g, SHARED_CORES_KEYS, "a [[shared_cores]]")
+        devs = g.get("devices")
+        if not isinstance(devs, list) or not devs:
+            raise ConfigError(w, f"devices = {devs!r} is not a non-empty list",
+                              'write devices = ["device", ...]: the devices that run on this machine')
+        names = tuple(known(w, "devices", d) for d in devs)
+        for d in names:
+            if d in seen:
+                raise ConfigError(w, f"device {d!r} is also in shared_cores[{seen[d]}]",
+                                  "a device runs on one machine: list it in one [[shared_cores]] only")
+            seen[d] = i
+        cores = g.get("cores", "auto")
+        auto = cores == "auto"
+        if auto:
+            cores = machine_cores()
+        else:
+            cores = _number(w, g, "cores")
+        out.append(SharedCores(names, cores, auto))
+    return tuple(out)
 
 
 def _fmt(v) -> str:
@@ -320,6 +381,8 @@ def to_dict(tb: Testbed) -> dict:
         done.add((a, b))
     if links:
         out["link"] = links
+    if tb.shared_cores:  # "auto" is written as the number it was resolved to: a run folder keeps what it assumed
+        out["shared_cores"] = [{"devices": list(g.devices), "cores": _clean(g.cores)} for g in tb.shared_cores]
     return out
 
 
@@ -338,7 +401,7 @@ def dumps(tb: Testbed) -> str:
             lines.append(f"{key} = {_fmt(d[key])}")
     for table in ("defaults", "constraints"):
         lines += ["", f"[{table}]"] + [f"{k} = {_fmt(v)}" for k, v in d[table].items()]
-    for arr in ("device", "link"):
+    for arr in ("device", "link", "shared_cores"):
         for entry in d.get(arr, []):
             lines += ["", f"[[{arr}]]"] + [f"{k} = {_fmt(v)}" for k, v in entry.items()]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from edgeshard.costs import CostModel, Workload, objective_value
 from edgeshard.errors import InfeasibleError
 from edgeshard.plan import Stage
 from edgeshard.profile import DeviceCosts, Profile, Unit
-from edgeshard.testbed import GIB, MBIT_S, Constraints, Device, Link, Testbed
+from edgeshard.testbed import GIB, MBIT_S, Constraints, Device, Link, SharedCores, Testbed
 
 
 def brute_force(tb, pr, objective, workload):
@@ -73,9 +73,16 @@ def instances(draw):
     cons = Constraints(context_tokens=draw(st.sampled_from([16, 1024])), sequences=draw(st.integers(1, 2)),
                        memory_headroom=draw(st.sampled_from([0.0, 0.1])), exclude=exclude, require=require,
                        max_stages=max_stages)
-    tb = Testbed("rand", "d0", tuple(devices), 100 * MBIT_S, 0.001, tuple(links), cons)
+    # devices sharing one machine's cores (the source and twins included sometimes): 0-2 disjoint groups
+    shared, free = [], list(names)
+    for _ in range(draw(st.integers(0, 2))):
+        members = [x for x in free if draw(st.booleans())]
+        if members:
+            free = [x for x in free if x not in members]
+            shared.append(SharedCores(tuple(members), draw(st.sampled_from([1, 1.5, 2]))))
+    tb = Testbed("rand", "d0", tuple(devices), 100 * MBIT_S, 0.001, tuple(links), cons, shared_cores=tuple(shared))
     pr = Profile("rand", "float32", units, costs)
-    wl = Workload(draw(st.integers(1, 64)), draw(st.integers(1, 16)))
+    wl = Workload(draw(st.integers(1, 64)), draw(st.integers(1, 16)), draw(st.integers(1, 4)))
     return tb, pr, wl
 
 
@@ -119,7 +126,8 @@ def test_identical_devices_form_one_class_and_different_links_split_it():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_dp_matches_brute_force_on_larger_instances(seed):
-    """5 devices (two of them twins), 8 units, random links and memory: every objective, exactly."""
+    """5 devices (two of them twins), 8 units, random links and memory, sometimes cores shared by the twins and
+    others: every objective, exactly."""
     import random
     rng = random.Random(seed)
     n_units = 8
@@ -139,10 +147,38 @@ def test_dp_matches_brute_force_on_larger_instances(seed):
         bw, lat = rng.choice([1, 10, 100]) * MBIT_S, rng.randint(0, 3) / 1000
         for tw in ("d3", "d4"):
             links += [Link(other, tw, bw, lat), Link(tw, other, bw, lat)]
+    shared = rng.choice([(), (SharedCores(("d0", "d3", "d4"), 2),), (SharedCores(("d1", "d3", "d4"), 1),
+                                                                         SharedCores(("d0", "d2"), 1))])
     tb = Testbed("big", "d0", tuple(devices), 100 * MBIT_S, 0.001, tuple(links),
-                 Constraints(context_tokens=256, max_stages=rng.choice([None, 3, 4])))
+                 Constraints(context_tokens=256, max_stages=rng.choice([None, 3, 4])), shared_cores=shared)
     pr = Profile("big", "float32", units, costs)
     assert [len(c) for c in planner.device_classes(CostModel(tb, pr))].count(2) == 1  # the twins form a class
     wl = Workload(16, 8)
     for objective in ("latency", "e2e", "throughput"):
         assert_matches_brute_force(tb, pr, objective, wl)
+
+
+def test_shared_cores_split_classes_and_charge_the_dp():
+    """Source and twins on one machine of 2 cores, c alone: 8 units of 10 ms. Free, four stages of 2 units give
+    20 ms. Shared, a fourth stage puts 3 busy stages on 2 cores (factor 3 / 2): the best is 30 ms either way, and
+    the least-latency plan among those uses three devices, as brute force finds."""
+    n_units = 8
+    units = tuple(Unit(f"u{i}", 2**27, 1000, 0) for i in range(n_units))
+    costs = {n: DeviceCosts((0.01,) * n_units, (0.001,) * n_units) for n in ("s", "a", "b", "c")}
+    devs = tuple(Device(n, GIB) for n in ("s", "a", "b", "c"))
+    plain = Testbed("t", "s", devs)
+    shared = plain.replace(shared_cores=(SharedCores(("s", "a", "b"), 2),))
+    pr = Profile("m", "float32", units, costs)
+    assert planner.device_classes(CostModel(plain, pr)) == [("s",), ("a", "b", "c")]
+    assert planner.device_classes(CostModel(shared, pr)) == [("s",), ("a", "b"), ("c",)]
+    for objective in ("latency", "throughput"):
+        assert_matches_brute_force(shared, pr, objective, Workload(8, 4, 3))
+    free = planner.solve(plain, pr, "throughput")
+    charged = planner.solve(shared, pr, "throughput")
+    assert len(free.stages) == 4 and free.predicted["bottleneck_s"] == pytest.approx(0.020)
+    assert len(charged.stages) == 3 and charged.predicted["bottleneck_s"] == pytest.approx(0.030)
+    assert "c" in [x.device for x in charged.stages]  # two of the machine's devices and c: no contention
+    four = [Stage("s", 0, 2), Stage("a", 2, 4), Stage("b", 4, 6), Stage("c", 6, 8)]
+    p = CostModel(shared, pr).evaluate(four, Workload(8, 4, 3))
+    assert [x.get("contention", 1.0) for x in p["stages"]] == [1.5, 1.5, 1.5, 1.0]
+    assert p["bottleneck_s"] == pytest.approx(0.030)
