@@ -63,13 +63,13 @@ def main() -> int:
         runtime.run(tb, lat, MODEL, PROMPTS[:1], 4, state=state, write_run_dir=False)  # warm-up: first calls are slow
         res = runtime.run(tb, lat, MODEL, PROMPTS[:1], NEW_TOKENS, mode="sequential", state=state, profile=pr,
                           runs_base=runs, command=["make", "demo"])
-        _show(res, lat)
+        _show(res, lat, tb, pr, "sequential", 1)
         print(f"\n== running {MODEL}: pipeline, {len(PROMPTS)} sequences in flight, throughput plan "
               f"({len(thr.stages)} devices)")
         runtime.run(tb, thr, MODEL, PROMPTS[:1], 4, state=state, write_run_dir=False)
         res = runtime.run(tb, thr, MODEL, PROMPTS, NEW_TOKENS, mode="pipeline", state=state, profile=pr,
                           runs_base=runs, command=["make", "demo"])
-        _show(res, thr)
+        _show(res, thr, tb, pr, "pipeline", len(PROMPTS))
         out = report.render(res["run_dir"])
     finally:
         testbeds.down(tb.name, state_dir)
@@ -78,18 +78,28 @@ def main() -> int:
     return 0
 
 
-def _show(res: dict, plan) -> None:
+def _show(res: dict, plan, tb, pr, mode: str, sequences: int) -> None:
+    from . import plots
+
     for r in res["results"]:
         print(f"  {r['prompt']!r} -> {r['text']!r}")
         print(f"    token ids {r['token_ids']}")
     s = res["summary"]
     tl = s.get("token_latency_s") or {}
-    if tl.get("p50") is not None:
-        print(f"  per-token latency p50 {tl['p50'] * 1000:.1f} ms (p95 {tl['p95'] * 1000:.1f} ms), predicted "
-              f"{plan.predicted['latency_s'] * 1000:.1f} ms; {s['tokens_per_s']:.1f} tokens/s overall, prefill "
-              f"included (predicted {plan.predicted['pipeline_tokens_per_s']:.1f} tokens/s with "
-              f"{plan.predicted['sequences']} sequence(s) in flight; 1 / bottleneck "
-              f"{plan.predicted['throughput_tokens_per_s']:.1f})")
+    ref = plots.run_prediction(plan, mode, sequences, tb, pr)
+    if tl.get("p50") is not None and ref is not None:
+        each = " per sequence" if mode == "pipeline" else ""
+        print(f"  per-token latency{each} p50 {tl['p50'] * 1000:.1f} ms (p95 {tl['p95'] * 1000:.1f} ms), predicted "
+              f"{ref['latency_s'] * 1000:.1f} ms; {s['tokens_per_s']:.1f} tokens/s overall, prefill "
+              f"included (predicted {ref['tokens_per_s']:.1f} tokens/s with {ref['sequences']} sequence(s) in "
+              f"flight; 1 / bottleneck {plan.predicted['throughput_tokens_per_s']:.1f})")
+        print(f"  reference: {ref['basis']}")
+        if res.get("run_dir"):  # the report's reasons: the run folder's events say how the compute steps went
+            reasons = report.why_prediction_fails(report._Run(Path(res["run_dir"])))
+        else:
+            reasons = list(ref["why"])
+        for why in reasons:
+            print(f"  why the prediction does not hold: {why}")
     print(f"  run folder: {res['run_dir']}")
 
 

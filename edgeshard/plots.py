@@ -17,13 +17,13 @@ from collections import deque
 
 from bokeh.layouts import column, row
 from bokeh.models import (BoxAnnotation, ColorBar, ColumnDataSource, DataRange1d, DataTable, Div, FactorRange, HoverTool,
-                          LabelSet, NumberFormatter, Span, TableColumn)
+                          LabelSet, NumberFormatter, Span, TableColumn, Title)
 from bokeh.palettes import Category10, Category20, Viridis256
 from bokeh.plotting import figure
 from bokeh.transform import log_cmap
 
 from .baselines import STRATEGIES as STRATEGY_ORDER  # fixed colours per strategy, in this order
-from .costs import CostModel
+from .costs import CostModel, Workload, names_in_words, unmodelled_sharing
 from .plan import Plan, diff
 from .testbed import GIB, MBIT_S
 
@@ -36,6 +36,10 @@ METRICS = {
     "throughput_tokens_per_s": ("throughput", "tokens/s", 1.0),
 }
 NAN = float("nan")
+
+
+def html_escape(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def palette(n: int) -> list[str]:
@@ -458,10 +462,108 @@ def timeline_figure(events, width: int = 900):
     return fig
 
 
+# --- what a run is compared with ----------------------------------------------------------------------------
+DEVIATION = 0.25  # measured this far off the prediction (either way): the plot and the report say why
+
+
+def run_prediction(plan: Plan | None, mode: str | None = None, sequences: int | None = None, testbed=None,
+                   profile=None) -> dict | None:
+    """The reference lines of a run and what is known against them. None without a feasible plan.
+
+    mode: "sequential" or "pipeline"; None: pipeline when the plan was made for more than one sequence in
+    flight. sequences: how many the run keeps in flight (pipeline; default the plan's). Sequential: one
+    sequence, per-token latency = the plan's latency_s. Pipeline: the closed-pipeline tokens/s for N sequences
+    (costs.CostModel.evaluate's pipeline_tokens_per_s, shared cores charged), and the per-token latency each
+    sequence sees, N / that rate: with N in flight a sequence gets every N-th token of the pipeline, so the
+    one-sequence latency is not its reference. With testbed and profile the prediction is recomputed for the run's
+    N (and checked for cores shared but not declared); without them the plan's own is used, and a differing N
+    is said in words.
+
+    Returns {"mode", "sequences", "latency_s" (per token of one sequence), "tokens_per_s", "step_s" (device ->
+    predicted compute per decode step, contention included), "basis" (how the reference was made, in words),
+    "why" (reasons the prediction cannot hold, in words)}.
+    """
+    if plan is None or not plan.feasible or plan.predicted.get("latency_s") is None:
+        return None
+    pred = plan.predicted
+    planned_n = int(pred.get("sequences") or (plan.workload or {}).get("sequences", 1) or 1)
+    if mode is None:
+        mode = "pipeline" if planned_n > 1 else "sequential"
+    n = 1 if mode == "sequential" else int(sequences or planned_n)
+    why: list[str] = []
+    cm = None
+    if testbed is not None and profile is not None:
+        try:
+            cm = CostModel(testbed, profile)
+        except Exception:  # a profile that does not fit the testbed: fall back to the plan's own numbers
+            cm = None
+    if cm is not None and n != planned_n:
+        w = plan.workload or {}
+        pred = cm.evaluate(plan.stages, Workload(int(w.get("prompt_tokens", 128)), int(w.get("new_tokens", 128)), n),
+                           check=False)
+    elif n != planned_n and mode == "pipeline":
+        why.append(f"the plan's prediction is for {planned_n} sequence{'s' if planned_n != 1 else ''} in flight, "
+                   f"this run keeps {n}; the reference lines are the plan's")
+    if mode == "pipeline":
+        rate = pred.get("pipeline_tokens_per_s")
+        latency = (n / rate) if rate else None
+        shared = {d: g["factor"] for g in pred.get("shared_cores", []) for d in g["devices"]}
+        contended = [g for g in pred.get("shared_cores", []) if g["factor"] > 1]
+        basis = (f"pipeline, {n} sequence{'s' if n != 1 else ''} in flight: {rate:.3g} tokens/s predicted "
+                 f"(closed pipeline{', shared cores charged' if contended else ''}); per sequence every "
+                 f"{latency * 1e3:.3g} ms = {n} / {rate:.3g} tokens/s") if rate else "pipeline"
+        if cm is not None:
+            why += unmodelled_sharing(cm, plan.stages, n)
+    else:
+        latency = pred["latency_s"]
+        rate = pred.get("pipeline_tokens_per_s") if planned_n == 1 else None
+        rate = rate or (1.0 / latency if latency else None)
+        shared = {}
+        basis = f"sequential, one sequence: {latency * 1e3:.3g} ms per token predicted (the plan's latency)"
+    step = {s["device"]: s["decode_s"] * shared.get(s["device"], 1.0) for s in pred.get("stages", [])}
+    return {"mode": mode, "sequences": n, "latency_s": latency, "tokens_per_s": rate, "step_s": step,
+            "charged": any(f > 1 for f in shared.values()), "basis": basis, "why": why}
+
+
+def deviation_why(what: str, predicted: float, measured: float, step_ratio: dict[str, float] | None = None,
+                  charged: bool = False) -> str | None:
+    """In words, when measured is more than DEVIATION off predicted: by how much, and what the devices' compute
+    steps say about it (step_ratio: device -> measured / predicted compute per decode step; charged: the
+    predicted steps include a shared-cores charge). None otherwise."""
+    if not predicted or measured is None or not math.isfinite(measured) or measured <= 0:
+        return None
+    ratio = measured / predicted
+    if abs(ratio - 1) <= DEVIATION:
+        return None
+    text = f"measured {what} is {ratio - 1:+.0%} off the prediction"
+    steps = [r for r in (step_ratio or {}).values() if r == r and r > 0]
+    slow = [d for d, r in (step_ratio or {}).items() if r > 1 + DEVIATION]
+    if steps:
+        lo, hi = min(steps), max(steps)
+        span = f"{lo:.2g}x" if hi - lo < 0.05 else f"{lo:.2g}-{hi:.2g}x"
+        if slow:
+            worst = max(step_ratio[d] for d in slow)
+            text += (f": the compute steps of {names_in_words(slow)} took up to {worst:.2g}x their predicted time"
+                     f"{' (shared cores already charged)' if charged else ''}, so they got less CPU than when "
+                     "profiled: other processes on the same cores (a notebook's kernel and browser, other jobs), or a "
+                     "machine slower now than then")
+        elif ratio > 1:
+            text += (f": the compute steps kept to their prediction ({span}), so the time went between them: "
+                     "transfers, a stage waiting for its input, or the controller")
+        else:
+            text += f": the compute steps took {span} their predicted time, faster than profiled"
+    return text
+
+
 class LiveRunPlot:
-    """Live figures of one run, fed by push(events): per-token latency with the plan's prediction as a
-    reference line, per-stage compute vs transfer (mean ms per step, stacked), and tokens/s with the plan's
-    pipeline_tokens_per_s (predicted for the plan's workload sequences in flight) as a reference line.
+    """Live figures of one run, fed by push(events): per-token latency with the prediction as a reference line,
+    per-stage compute vs transfer (mean ms per step, stacked), and tokens/s with its prediction as a reference.
+
+    The references come from run_prediction(plan, mode, sequences, testbed, profile): sequential, the plan's
+    per-token latency; pipeline, the closed-pipeline tokens/s for the sequences in flight and, per sequence,
+    sequences / that rate. Where the prediction cannot hold (cores shared but not declared, or the measured
+    latency more than DEVIATION off it, checked on every push), a red second title line on both figures says so
+    and .why (a Div under the figures, name "prediction_why") says why in words.
 
     Sources: .tokens ("tokens": n, seq, step, t_s, latency_ms), .stages ("stages": device, compute_ms,
     transfer_ms, compute_s, transfer_s), .rate ("rate": t_s, tokens_per_s). .layout is the bokeh layout to show.
@@ -469,7 +571,8 @@ class LiveRunPlot:
     """
 
     def __init__(self, plan: Plan | None = None, rate_window: int = 8, rollover: int | None = 20000,
-                 width: int = 450):
+                 width: int = 450, mode: str | None = None, sequences: int | None = None, testbed=None,
+                 profile=None):
         self.rollover = rollover
         self.count = 0  # tokens seen
         self.bad_events = 0  # malformed events skipped
@@ -481,9 +584,12 @@ class LiveRunPlot:
         self._sends: dict = {}  # (src, dst, seq, step) -> send event, waiting for its recv
         self._recvs: dict = {}  # (src, dst, seq, step) -> recv event that came before its send
         devices = [s.device for s in plan.stages] if plan is not None else []
-        self.predicted_latency_ms = None
-        if plan is not None and plan.feasible and plan.predicted.get("latency_s") is not None:
-            self.predicted_latency_ms = plan.predicted["latency_s"] * 1e3
+        self.prediction = run_prediction(plan, mode, sequences, testbed, profile)
+        pr = self.prediction or {}
+        self.mode = pr.get("mode", mode or "sequential")
+        self.predicted_latency_ms = pr["latency_s"] * 1e3 if pr.get("latency_s") else None
+        self.static_why: list[str] = list(pr.get("why", []))
+        self.deviation: str | None = None
         self.tokens = ColumnDataSource({"n": [], "seq": [], "step": [], "t_s": [], "latency_ms": []}, name="tokens")
         self.stages = ColumnDataSource({"device": devices, "compute_ms": [0.0] * len(devices),
                                         "transfer_ms": [0.0] * len(devices), "compute_s": [0.0] * len(devices),
@@ -494,7 +600,10 @@ class LiveRunPlot:
             "total_ms": [(s["decode_s"] + s.get("hop_s", 0.0)) * 1e3 for s in per]}, name="predicted_stages")
         self.rate = ColumnDataSource({"t_s": [], "tokens_per_s": []}, name="rate")
 
-        self.latency_figure = figure(height=300, width=width, title="per-token latency", x_axis_label="token",
+        per_seq = self.mode == "pipeline"
+        self.latency_figure = figure(height=300, width=width,
+                                     title="per-token latency" + (" per sequence" if per_seq else ""),
+                                     x_axis_label="token",
                                      y_range=DataRange1d(start=0),
                                      y_axis_label="ms", tools="pan,wheel_zoom,reset,save,hover",
                                      tooltips=[("token", "@n (seq @seq step @step)"), ("latency", "@latency_ms{0.00} ms")])
@@ -507,7 +616,11 @@ class LiveRunPlot:
         if self.predicted_latency_ms is not None:  # an invisible point keeps the reference line inside the y range
             self.latency_figure.scatter([1], [self.predicted_latency_ms], alpha=0)
         if self.predicted_latency_ms is not None:
-            self.latency_figure.title.text += f" (dashed: predicted {self.predicted_latency_ms:.3g} ms)"
+            if per_seq:
+                self.latency_figure.title.text += (f" (dashed: predicted {self.predicted_latency_ms:.3g} ms = "
+                                                   f"{pr['sequences']} sequences / {pr['tokens_per_s']:.3g} tokens/s)")
+            else:
+                self.latency_figure.title.text += f" (dashed: predicted {self.predicted_latency_ms:.3g} ms)"
 
         self.stage_figure = figure(x_range=FactorRange(*devices), height=300, width=width,
                                    title="per stage: compute vs transfer (mean ms per decode step)", y_axis_label="ms",
@@ -527,17 +640,65 @@ class LiveRunPlot:
                                   y_range=DataRange1d(start=0),
                                   y_axis_label="tokens/s", tools="pan,wheel_zoom,reset,save")
         self.rate_figure.line("t_s", "tokens_per_s", source=self.rate, line_width=2)
-        self.predicted_rate = plan.predicted.get("pipeline_tokens_per_s") if plan is not None and plan.feasible \
-            else None
+        self.predicted_rate = pr.get("tokens_per_s")
         if self.predicted_rate is not None:
             self.rate_reference = Span(location=self.predicted_rate, dimension="width", line_color="red",
                                        line_dash="dashed", line_width=2)
             self.rate_figure.add_layout(self.rate_reference)
             self.rate_figure.scatter([0], [self.predicted_rate], alpha=0)  # keeps the line inside the y range
-            n = plan.predicted.get("sequences", 1)
+            n = pr["sequences"]
             self.rate_figure.title.text += (f" (dashed: predicted {self.predicted_rate:.3g} with {n} "
                                             f"sequence{'s' if n != 1 else ''} in flight)")
-        self.layout = column(self.latency_figure, row(self.stage_figure, self.rate_figure))
+        # where the prediction cannot hold: a red second title line on both figures, the reasons below them
+        self.why_titles = [Title(text="", text_color="#b00", text_font_size="9pt", visible=False, name="why")
+                           for _ in range(2)]
+        self.latency_figure.add_layout(self.why_titles[0], "above")
+        self.rate_figure.add_layout(self.why_titles[1], "above")
+        self.why = Div(text="", width=2 * width, visible=False, name="prediction_why", disable_math=True)
+        self._show_why()
+        self.layout = column(self.latency_figure, row(self.stage_figure, self.rate_figure), self.why)
+
+    def reasons(self) -> list[str]:
+        """Why the prediction cannot hold, in words: what is known before the run, then what the run shows."""
+        return self.static_why + ([self.deviation] if self.deviation else [])
+
+    def _show_why(self) -> None:
+        reasons = self.reasons()
+        short = ""
+        if self.deviation:
+            short = "prediction does not hold: " + self.deviation.split(":")[0].replace("measured ", "")
+        elif self.static_why:
+            short = "prediction cannot hold: cores shared but not charged (see below)" \
+                if any("shared" in r for r in self.static_why) else "prediction cannot hold (see below)"
+        for t in self.why_titles:
+            if t.text != short:
+                t.text, t.visible = short, bool(short)
+        text = "" if not reasons else ("<b>Why the prediction does not hold</b><ul>"
+                                       + "".join(f"<li>{html_escape(r)}</li>" for r in reasons) + "</ul>")
+        if self.why.text != text:
+            self.why.text, self.why.visible = text, bool(text)
+
+    def step_ratios(self) -> dict[str, float]:
+        """device -> mean measured compute per decode step / its predicted time (contention included)."""
+        pred = (self.prediction or {}).get("step_s", {})
+        return {d: (tot / n) / pred[d] for d, (tot, n) in self._compute.items() if n and pred.get(d)}
+
+    def _check_deviation(self) -> None:
+        """Median per-token latency of the latest tokens (at least 8, and two per sequence in flight) against the
+        reference: more than DEVIATION off, and .deviation says so and what the compute steps show."""
+        lat = self.tokens.data["latency_ms"]
+        need = max(8, 2 * ((self.prediction or {}).get("sequences") or 1))
+        if self.predicted_latency_ms is None or len(lat) < need:
+            return
+        recent = sorted(lat[-200:])
+        med = recent[len(recent) // 2] if len(recent) % 2 else (recent[len(recent) // 2 - 1] + recent[len(recent) // 2]) / 2
+        what = ("per-token latency per sequence" if self.mode == "pipeline" else "per-token latency") + \
+            f" (median {med:.3g} ms against {self.predicted_latency_ms:.3g} ms)"
+        dev = deviation_why(what, self.predicted_latency_ms, med, self.step_ratios(),
+                            (self.prediction or {}).get("charged", False))
+        if dev != self.deviation:
+            self.deviation = dev
+            self._show_why()
 
     def push(self, events) -> int:
         """Add events (dicts, any order within the batch is kept); returns the number of tokens added."""
@@ -555,6 +716,8 @@ class LiveRunPlot:
             self.rate.stream(rate, self.rollover)
         if stages_changed:
             self._update_stages()
+        if tok["n"]:
+            self._check_deviation()
         return len(tok["n"])
 
     def _take(self, e: dict, tok: dict, rate: dict) -> bool:

@@ -13,6 +13,10 @@
   with an identity stage (service.Node.measure_step), events pushed to the profiler as in a run. The planner's
   throughput objective adds it to every pipelined stage (costs.py).
 - Unit sizes (weights, activation and KV bytes per token) come from the catalog's exact architecture numbers.
+- Which devices share a machine (provenance "hosts"): devices reporting the same boot id run on one kernel, and
+  where that is the profiler's own machine, its cores (testbed.machine_cores). Units are still measured one
+  device at a time: the cost of sharing cores in a pipeline is the testbed's to declare ([[shared_cores]]) and
+  the cost model's to charge; costs.unmodelled_sharing reads "hosts" to say when a prediction ignores it.
 
 Caching: the finished profile is stored under cache_dir (default $EDGESHARD_HOME/profiles or
 ~/.cache/edgeshard/profiles) by a key of everything that affects it (model, dtype, parameters, the testbed's
@@ -35,7 +39,7 @@ from . import catalog, testbeds
 from . import testbed as tbm
 from .device import wire
 from .profile import DeviceCosts, Link, Profile
-from .runtime import _address, _token_file, _version, environment, shaping_for
+from .runtime import _address, _boot_id, _token_file, _version, environment, shaping_for
 
 SCHEME = 3  # bump when what a measurement means changes (2: CPU units = CPU time x slowdown, model.unit_timings;
 #            3: + step_overhead_s per device)
@@ -103,6 +107,23 @@ def _chunks(units, memory_bytes: float, fraction: float = 0.5) -> list[tuple[int
         acc += u.weight_bytes
     out.append((start, len(units)))
     return out
+
+
+def machines(infos: dict[str, dict]) -> list[dict]:
+    """Devices grouped by the machine they run on (same boot id: one kernel; else same hostname), in device order:
+    [{"hostname", "devices", "cores"}]. cores: this machine's (testbed.machine_cores) where the devices run on the
+    profiler's own machine, else what the device reports ("cpu_count"), else None."""
+    here = _boot_id()
+    out: dict = {}
+    for n, info in infos.items():
+        key = info.get("boot_id") or info.get("hostname") or n
+        h = out.setdefault(key, {"hostname": info.get("hostname"), "devices": [], "cores": None})
+        h["devices"].append(n)
+        if here and info.get("boot_id") == here:
+            h["cores"] = tbm.machine_cores()
+        elif isinstance(info.get("cpu_count"), int) and h["cores"] is None:
+            h["cores"] = info["cpu_count"]
+    return list(out.values())
 
 
 class _Partial:
@@ -242,6 +263,7 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
                 bar.update(1)
         if bar:
             bar.close()
+        hosts = machines(infos)
         dev_costs = {n: DeviceCosts(tuple(decode[n]), tuple(prefill[n]), context_tokens,
                                     infos[n].get("memory_bytes"), step[n]) for n in names}
         env = environment()
@@ -268,6 +290,7 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
             "devices": {n: {k: infos[n].get(k) for k in ("hostname", "device", "pid", "omp_num_threads",
                                                          "detected_memory_bytes")} for n in names},
             "link_measurements": raw_links, "environment": env,
+            "hosts": hosts,
         }
         pr = Profile(model, dtype, tuple(units), dev_costs, tuple(links), prov)
         tmp = final.with_suffix(".tmp")

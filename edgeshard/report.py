@@ -33,6 +33,7 @@ tr.bad td { color: #a00; }
 pre { white-space: pre-wrap; background: #f7f7f7; padding: 6px; margin: 4px 0; }
 h1 { font-size: 22px; margin: 8px 0; } h2 { font-size: 17px; margin: 18px 0 4px 0; border-bottom: 1px solid #ccc; }
 .note { color: #666; }
+.why { color: #a00; border-left: 3px solid #a00; padding-left: 8px; }
 """
 
 
@@ -231,6 +232,57 @@ def _plan_workload(plan, sequences: int | None = None) -> Workload:
                     int(sequences if sequences is not None else w.get("sequences", 1)))
 
 
+def _mode_and_sequences(run: _Run) -> tuple[str | None, int | None]:
+    """The run's mode and sequences in flight (pipeline: its prompts, at most max_in_flight; sequential: 1)."""
+    summary = run.summary if isinstance(run.summary, dict) else {}
+    params = run.parameters if isinstance(run.parameters, dict) else {}
+    mode = summary.get("mode") or params.get("mode")
+    n = len(params.get("prompts") or []) or None
+    limit = params.get("max_in_flight")
+    if mode == "pipeline" and n and isinstance(limit, int) and limit > 0:
+        n = min(n, limit)
+    return mode, (1 if mode == "sequential" else n)
+
+
+def _reference(run: _Run) -> dict | None:
+    """plots.run_prediction for this run: its mode and sequences, recomputed from the folder's testbed and profile."""
+    mode, n = _mode_and_sequences(run)
+    return plots.run_prediction(run.plan, mode if mode in ("sequential", "pipeline") else None, n, run.testbed,
+                                run.profile)
+
+
+def why_prediction_fails(run: _Run, ref: dict | None = None) -> list[str]:
+    """Why the run's prediction cannot hold or did not, in words: what is known against it beforehand
+    (plots.run_prediction's "why": cores shared but not declared, other sequences than predicted for), and a
+    measured median per-token latency more than plots.DEVIATION off it, with what the compute steps say."""
+    ref = ref if ref is not None else _reference(run)
+    if ref is None:
+        return []
+    out = list(ref["why"])
+    summary = run.summary if isinstance(run.summary, dict) else {}
+    p50 = _stat(summary, "token_latency_s", "p50")
+    if p50 is None:
+        lats = [x for r in _results(run) for x in (r.get("token_latency_s") or [])[1:] if isinstance(x, (int, float))]
+        p50 = statistics.median(lats) if lats else None
+    meas = _per_stage_measured(run.events)
+    ratios = {d: statistics.median(m["compute"]) / ref["step_s"][d] for d, m in meas.items()
+              if m["compute"] and ref["step_s"].get(d)}
+    what = ("per-token latency per sequence" if ref["mode"] == "pipeline" else "per-token latency")
+    if p50 is not None and ref.get("latency_s"):
+        what += f" (p50 {p50 * 1e3:.3g} ms against {ref['latency_s'] * 1e3:.3g} ms)"
+        dev = plots.deviation_why(what, ref["latency_s"], p50, ratios, ref["charged"])
+        if dev:
+            out.append(dev)
+    return out
+
+
+def _why_html(reasons: list[str]) -> str:
+    if not reasons:
+        return ""
+    return ('<div class="why"><p><b>Why the prediction does not hold</b></p><ul>'
+            + "".join(f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul></div>")
+
+
 def _predicted_vs_measured(run: _Run) -> str:
     """Plan prediction against summary.json (metrics.summarize) and events.jsonl, each row saying its source."""
     pred = run.plan.predicted if run.plan is not None and run.plan.feasible else {}
@@ -239,6 +291,9 @@ def _predicted_vs_measured(run: _Run) -> str:
     params = run.parameters if isinstance(run.parameters, dict) else {}
     mode = summary.get("mode") or params.get("mode")
     lat = pred.get("latency_s")
+    ref = _reference(run) if pred else None
+    if ref is not None and ref["mode"] == "pipeline" and ref.get("latency_s"):
+        lat = ref["latency_s"]  # what one sequence sees with the others in flight: N / predicted tokens/s
     rows = []
 
     def add(what, p, m, unit="ms", scale=1e3, source="summary.json"):
@@ -247,19 +302,22 @@ def _predicted_vs_measured(run: _Run) -> str:
         rows.append({"quantity": what, "predicted": p * scale if p else nan, "measured": m * scale, "unit": unit,
                      "ratio": m / p if p else nan, "measured from": source})
 
+    per_seq = ref is not None and ref["mode"] == "pipeline"
+    label = (f"per-token latency per sequence (pipeline: predicted = {ref['sequences']} sequences / predicted "
+             "tokens/s)") if per_seq else "per-token latency"
     p50 = _stat(summary, "token_latency_s", "p50")
     if p50 is None:  # an older summary: per-token latencies of the results, first token (prefill) left out
         lats = [x for r in _results(run) for x in (r.get("token_latency_s") or [])[1:] if isinstance(x, (int, float))]
-        add("per-token latency, median", lat, statistics.median(lats) if lats else None, source="summary.json results")
+        add(f"{label}, median", lat, statistics.median(lats) if lats else None, source="summary.json results")
     else:
-        add("per-token latency p50", lat, p50)
-        add("per-token latency p95", lat, _stat(summary, "token_latency_s", "p95"))
+        add(f"{label} p50", lat, p50)
+        add(f"{label} p95", lat, _stat(summary, "token_latency_s", "p95"))
     pipelined = mode == "pipeline"
     measured_tps = summary.get("tokens_per_s") if isinstance(summary.get("tokens_per_s"), (int, float)) else None
     add("tokens/s" + (" (pipeline: predicted = 1 / bottleneck)" if pipelined else " (sequential: predicted = 1 / latency)"),
         pred.get("throughput_tokens_per_s") if pipelined else (1 / lat if lat else None), measured_tps,
         unit="tokens/s", scale=1.0)
-    n_seq = len(params.get("prompts") or [])
+    n_seq = _mode_and_sequences(run)[1] or 0
     if pipelined and n_seq and pred and run.testbed is not None and run.profile is not None:
         # the plan's closed-pipeline prediction for as many sequences in flight as this run had
         piped = CostModel(run.testbed, run.profile).evaluate(run.plan.stages, _plan_workload(run.plan, n_seq),
@@ -270,20 +328,26 @@ def _predicted_vs_measured(run: _Run) -> str:
         "-token workload)", pred.get("prefill_s"), _stat(summary, "first_token_latency_s", "p50"))
     cols = [("quantity", "quantity"), ("predicted", "predicted", ".4g"), ("measured", "measured", ".4g"), ("unit", "unit"),
             ("ratio", "measured / predicted", ".3f"), ("measured from", "measured from")]
-    body = html_table(rows, cols)
+    body = (f"<p>reference: {html.escape(ref['basis'])}</p>" if ref else "") + html_table(rows, cols)
+    body += _why_html(why_prediction_fails(run, ref)) if ref else ""
     per = {s["device"]: s for s in pred.get("stages", [])}
     meas = _per_stage_measured(run.events)
     if per and meas:
         stage_rows = []
+        step_s = ref["step_s"] if ref else {}
         for d, s in per.items():
             m = meas.get(d, {"compute": [], "transfer": []})
             stage_rows.append({
-                "device": d, "units": f"[{s['start']}, {s['stop']})", "pred_compute": s["decode_s"] * 1e3,
+                "device": d, "units": f"[{s['start']}, {s['stop']})",
+                "pred_compute": step_s.get(d, s["decode_s"]) * 1e3,
                 "compute": statistics.median(m["compute"]) * 1e3 if m["compute"] else nan,
                 # the last stage's "hop" is the token id's return to the source
                 "pred_hop": s.get("hop_s", pred.get("return_s", nan) if d == list(per)[-1] else nan) * 1e3,
                 "transfer": statistics.median(m["transfer"]) * 1e3 if m["transfer"] else nan})
-        body += "<p>per stage, decode steps (events.jsonl medians; transfer = send start to recv end)</p>" + html_table(
+        body += ("<p>per stage, decode steps (events.jsonl medians; transfer = send start to recv end"
+                 + ("; predicted compute includes the shared-cores charge" if any(
+                     s.get("contention", 1.0) > 1 for s in per.values()) and per_seq else "")
+                 + ")</p>") + html_table(
             stage_rows, [("device", "device"), ("units", "units"), ("pred_compute", "predicted compute ms", ".4g"),
                          ("compute", "measured compute ms", ".4g"), ("pred_hop", "predicted hop (or return) ms", ".4g"),
                          ("transfer", "measured transfer ms", ".4g")])
@@ -373,7 +437,9 @@ def render(run_dir, out: str | Path | None = None) -> Path:
     items.append(_h2("Predicted vs measured", _predicted_vs_measured(run)))
     token_events = _token_events(run)
     if token_events:
-        live = plots.LiveRunPlot(plan, width=WIDTH // 2 - 10)
+        mode, n = _mode_and_sequences(run)
+        live = plots.LiveRunPlot(plan, width=WIDTH // 2 - 10, mode=mode if mode in ("sequential", "pipeline") else None,
+                                 sequences=n, testbed=tb, profile=run.profile)
         live.push(token_events)
         items.append(live.layout)
     if run.events:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import html
+import os
 import queue
 import re
 from pathlib import Path
@@ -800,6 +801,28 @@ def _is_done(handle) -> bool:
     return bool(d() if callable(d) else d)
 
 
+def run_reference(handle) -> dict:
+    """LiveRunPlot keywords for what a run handle (runtime.Run) does: its mode, sequences in flight (pipeline: its
+    prompts, at most max_in_flight), testbed and profile (to recompute the prediction for those sequences and
+    check the devices' shared cores). {} when the handle does not say its mode."""
+    mode = getattr(handle, "mode", None)
+    if mode not in ("sequential", "pipeline"):
+        return {}
+    prompts = getattr(handle, "prompts", None)
+    n = len(prompts) if isinstance(prompts, (list, tuple)) and prompts else None
+    limit = getattr(handle, "max_in_flight", None)
+    if mode == "pipeline" and n and isinstance(limit, int) and limit > 0:
+        n = min(n, limit)
+    profile = getattr(handle, "profile", None)
+    if isinstance(profile, (str, os.PathLike)):
+        try:
+            from .profile import load
+            profile = load(profile)
+        except Exception:
+            profile = None
+    return {"mode": mode, "sequences": n, "testbed": getattr(handle, "tb", None), "profile": profile}
+
+
 class RunView(_View):
     """Start a run without blocking the kernel, watch it live, stop it.
 
@@ -855,6 +878,11 @@ class RunView(_View):
             self.handle = None
             self.status.value = f'<span style="color:#b00">start failed: {html.escape(type(e).__name__ + ": " + str(e))}</span>'
             return
+        reference = run_reference(self.handle)
+        if reference:  # the run says its mode and sequences: reference lines for what it really does
+            self.live = plots.LiveRunPlot(self.plan if self.plan is not None else getattr(self.handle, "plan", None),
+                                          **reference)
+            self.plot_box.children = [bokeh_widget(self.live.layout)]
         self.start_button.disabled, self.stop_button.disabled = True, False
         self.status.value = "running"
         self._schedule()

@@ -237,3 +237,96 @@ def test_timeline_figure():
     assert len(comp["left"]) == 8 and len(send["left"]) == 4 and len(tok["t"]) == 4
     assert comp["left"][0] == 0.0 and tok["t"][-1] == pytest.approx(0.13)  # from the prefill's start
     assert list(fig.y_range.factors) == ["tokens", "agx", "nx1"]
+
+
+# --- reference lines in pipeline mode, and the words when a prediction cannot hold ---------------------------
+SHARED = TESTBED + '\n[[shared_cores]]\ndevices = ["nx1", "agx", "rtx"]\ncores = 2\n'
+
+
+def pipeline_case(text=SHARED, provenance=None):
+    """A plan for 3 sequences in flight over all three devices, judged by the cost model (on 2 shared cores the
+    optimal throughput plan would leave one out: tests/test_shared_cores.py)."""
+    from edgeshard import planner
+    from edgeshard.costs import CostModel
+    from edgeshard.plan import Stage
+
+    tb = testbed.loads(text)
+    pr = synthetic.synthetic_profile(tb, "llama2-7b")
+    if provenance is not None:
+        pr = Profile(pr.model, pr.dtype, pr.units, pr.devices, pr.links, provenance)
+    stages = [Stage("nx1", 0, 6), Stage("agx", 6, 20), Stage("rtx", 20, 34)]
+    plan = planner.make_plan(CostModel(tb, pr), stages, "throughput", "manual", Workload(32, 16, 3))
+    assert plan.feasible, plan.notes
+    return tb, pr, plan
+
+
+def test_live_run_plot_pipeline_reference_is_the_pipelines_own():
+    """Pipeline mode: tokens/s against the closed-pipeline prediction (shared cores charged), and each sequence's
+    per-token latency against sequences / that rate, not the one-sequence latency."""
+    from edgeshard.costs import CostModel
+
+    tb, pr, plan = pipeline_case()
+    expected = CostModel(tb, pr).evaluate(plan.stages, Workload(32, 16, 3))
+    assert expected["shared_cores"][0]["factor"] == 1.5  # 3 busy devices on 2 cores
+    for live in (plots.LiveRunPlot(plan, mode="pipeline", sequences=3, testbed=tb, profile=pr),
+                 plots.LiveRunPlot(plan)):  # the plan was made for 3 sequences: pipeline by default
+        assert live.mode == "pipeline"
+        span = live.latency_figure.select_one({"type": Span})
+        assert span.location == pytest.approx(3 / expected["pipeline_tokens_per_s"] * 1e3)
+        assert span.location != pytest.approx(plan.predicted["latency_s"] * 1e3)
+        assert live.rate_reference.location == pytest.approx(expected["pipeline_tokens_per_s"])
+        assert "per-token latency per sequence" in live.latency_figure.title.text
+        assert "= 3 sequences /" in live.latency_figure.title.text
+        assert "with 3 sequences in flight" in live.rate_figure.title.text
+        assert not live.why.visible  # declared sharing is charged: nothing known against the prediction
+    six = plots.LiveRunPlot(plan, mode="pipeline", sequences=6, testbed=tb, profile=pr)
+    rate6 = CostModel(tb, pr).evaluate(plan.stages, Workload(32, 16, 6))["pipeline_tokens_per_s"]
+    assert six.rate_reference.location == pytest.approx(rate6)
+    assert six.reference.location == pytest.approx(6 / rate6 * 1e3)
+    seq = plots.LiveRunPlot(plan, mode="sequential")
+    assert seq.reference.location == pytest.approx(plan.predicted["latency_s"] * 1e3)
+
+
+def test_live_run_plot_says_why_when_cores_are_shared_but_not_declared():
+    hosts = {"testbed_mode": "local", "hosts": [{"hostname": "box", "devices": ["nx1", "agx", "rtx"], "cores": 2}]}
+    tb, pr, plan = pipeline_case(TESTBED, hosts)
+    live = plots.LiveRunPlot(plan, mode="pipeline", sequences=3, testbed=tb, profile=pr)
+    assert live.why.visible and "declares no [[shared_cores]]" in live.why.text
+    assert "3 of them compute at once" in live.why.text
+    assert all(t.visible and "cannot hold" in t.text for t in live.why_titles)
+    assert live.why in live.layout.children
+    calm = plots.LiveRunPlot(plan, mode="sequential", testbed=tb, profile=pr)  # one sequence: one busy device
+    assert not calm.why.visible and not calm.why_titles[0].visible
+
+
+def test_live_run_plot_says_why_when_measured_deviates():
+    tb, pr, plan = pipeline_case()
+    ref = plots.run_prediction(plan, "sequential")
+    lat = ref["latency_s"]
+
+    def events(scale):
+        out = []
+        for step in range(1, 12):
+            t = 100.0 + step * lat * scale
+            for d, s in ref["step_s"].items():
+                out.append({"type": "compute", "device": d, "seq": 0, "step": step, "start_s": t, "end_s": t + s * scale})
+            out.append({"type": "token", "seq": 0, "step": step, "t_s": t, "latency_s": lat * scale})
+        return out
+
+    ok = plots.LiveRunPlot(plan, mode="sequential")
+    ok.push(events(1.1))
+    assert ok.deviation is None and not ok.why.visible
+    slow = plots.LiveRunPlot(plan, mode="sequential")
+    slow.push(events(3.0)[:10])  # too few tokens yet to judge
+    assert slow.deviation is None
+    slow.push(events(3.0)[10:])
+    assert slow.why.visible and "+200% off the prediction" in slow.why.text
+    assert "took up to 3x their predicted time" in slow.why.text and "less CPU" in slow.why.text
+    assert "does not hold" in slow.why_titles[0].text and slow.why_titles[1].visible
+
+
+def test_deviation_why_words():
+    assert plots.deviation_why("latency", 1.0, 1.2) is None
+    assert "-50% off" in plots.deviation_why("latency", 1.0, 0.5)
+    between = plots.deviation_why("latency", 1.0, 2.0, {"a": 1.05, "b": 0.98})
+    assert "kept to their prediction" in between and "between them" in between

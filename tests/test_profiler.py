@@ -55,6 +55,10 @@ def test_profile_measures_units_and_links(up, monkeypatch):
         assert len(c.decode_s) == pr.n_units and all(x > 0 for x in c.decode_s)
         assert all(x > 0 for x in c.prefill_s_per_token)
         assert c.context_tokens == 16 and c.memory_bytes == 2 * 2**30
+    # both device processes run on this machine: the profile says so, with its cores (costs.unmodelled_sharing)
+    import socket
+    assert pr.provenance["hosts"] == [{"hostname": socket.gethostname(), "devices": ["a", "b"],
+                                       "cores": tbm.machine_cores()}]
     ab, ba = pr.link("a", "b"), pr.link("b", "a")
     # a -> b is shaped to 40 Mbit/s + 4 ms by the sender: the devices see it
     assert ab.latency_s >= 0.004 and ab.bandwidth_bytes_s <= 40e6 / 8 * 1.02
@@ -125,3 +129,13 @@ def test_chunks_fit_memory():
         assert b == c
     for a, b in chunks:
         assert b - a == 1 or sum(u.weight_bytes for u in units[a:b]) <= 4 * 2**30
+
+
+def test_machines_groups_devices_by_kernel():
+    here = profiler._boot_id()
+    infos = {"a": {"boot_id": here, "hostname": "me"}, "b": {"boot_id": "other", "hostname": "jetson", "cpu_count": 6},
+             "c": {"boot_id": here, "hostname": "me"}, "d": {"hostname": "old"}}
+    assert profiler.machines(infos) == [
+        {"hostname": "me", "devices": ["a", "c"], "cores": tbm.machine_cores()},
+        {"hostname": "jetson", "devices": ["b"], "cores": 6},
+        {"hostname": "old", "devices": ["d"], "cores": None}]

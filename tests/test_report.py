@@ -154,3 +154,56 @@ def test_pipeline_run_is_compared_with_the_prediction_for_its_sequences(tmp_path
     assert (f'predicted for 3 sequences in flight, costs.closed_pipeline_rate)</td><td class="num">'
             f'{expected["pipeline_tokens_per_s"]:.4g}</td>') in html
     assert expected["pipeline_tokens_per_s"] < expected["throughput_tokens_per_s"]
+
+
+def pipeline_run(d, provenance=None, p50_scale=None):
+    """make_run's folder as a pipeline run of 3 prompts; optionally the profile's provenance replaced and the
+    summary's median per-token latency set to p50_scale x the pipeline's per-sequence prediction."""
+    from edgeshard import profile as profm
+
+    make_run(d)
+    if provenance is not None:
+        pr = profm.load(d / "profile.json")
+        profm.Profile(pr.model, pr.dtype, pr.units, pr.devices, pr.links, provenance).save(d / "profile.json")
+    summary = json.loads((d / "summary.json").read_text())
+    summary["mode"] = "pipeline"
+    (d / "parameters.json").write_text(json.dumps({"mode": "pipeline", "prompts": ["a", "b", "c"], "seed": 1}))
+    run = report._Run(d)
+    expected = CostModel(run.testbed, run.profile).evaluate(run.plan.stages, Workload(16, 6, 3))
+    if p50_scale is not None:
+        summary["token_latency_s"]["p50"] = p50_scale * 3 / expected["pipeline_tokens_per_s"]
+    (d / "summary.json").write_text(json.dumps(summary))
+    return report._Run(d), expected
+
+
+def test_pipeline_latency_is_compared_with_the_pipelines_per_sequence_prediction(tmp_path):
+    """With 3 sequences in flight each sees every third token: its reference is 3 / predicted tokens/s."""
+    run, expected = pipeline_run(tmp_path / "pipe", p50_scale=1.1)
+    html = report._predicted_vs_measured(run)
+    per_seq = 3 / expected["pipeline_tokens_per_s"] * 1e3
+    assert (f"per-token latency per sequence (pipeline: predicted = 3 sequences / predicted tokens/s) p50</td>"
+            f'<td class="num">{per_seq:.4g}</td>') in html
+    assert "reference: pipeline, 3 sequences in flight" in html
+    assert "Why the prediction does not hold" not in html  # within 25 %, nothing known against it
+
+
+def test_report_says_why_when_cores_are_shared_but_not_declared(tmp_path):
+    hosts = {"testbed_mode": "local",
+             "hosts": [{"hostname": "box", "devices": ["nx1", "agx", "rtx"], "cores": 2}]}
+    run, _ = pipeline_run(tmp_path / "shared", provenance=hosts, p50_scale=1.0)
+    if len(run.plan.stages) < 3:
+        pytest.skip("the plan uses fewer than 3 devices: no 3 busy devices to share 2 cores")
+    reasons = report.why_prediction_fails(run)
+    assert any("declares no [[shared_cores]]" in r and "3 of them compute at once" in r for r in reasons)
+    page = report.render(run.dir).read_text()
+    assert "Why the prediction does not hold" in page and "declares no [[shared_cores]]" in page
+
+
+def test_report_says_why_when_measured_deviates(tmp_path):
+    run, _ = pipeline_run(tmp_path / "slow", p50_scale=2.0)
+    (reason,) = report.why_prediction_fails(run)
+    assert "per-token latency per sequence" in reason and "+100% off the prediction" in reason
+    html = report._predicted_vs_measured(run)
+    assert '<div class="why">' in html and "+100% off the prediction" in html
+    page = report.render(run.dir).read_text()
+    assert "+100% off the prediction" in page
