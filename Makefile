@@ -31,9 +31,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
-# the inner loop: planner, formats, wire, widgets, plots (no device servers, browser, root or model loads)
+# the inner loop, under 2 minutes: planner, formats, wire, widgets, plots (no device servers, browser, root, SmolLM2)
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not browser and not root" tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not browser and not root and not weights" tests
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

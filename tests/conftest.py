@@ -7,7 +7,7 @@ Markers (registered in pyproject.toml), set per module below so each file's cost
   browser  drives JupyterLab in Chromium
   slow     takes more than a few seconds (device servers, notebooks, model loads)
   weights  loads the real SmolLM2 weights (converts them into the session's empty cache first)
-`make test-fast` runs `-m "not slow and not browser and not root"`; `make test` runs everything.
+`make test-fast` runs `-m "not slow and not browser and not root and not weights"`; `make test` runs everything.
 """
 
 from __future__ import annotations
