@@ -37,6 +37,10 @@ class Plan:
     notes: tuple[str, ...] = ()  # why devices were left out, why a baseline failed
     feasible: bool = True  # False: a baseline whose stages do not fit (OOM) or cannot be formed
 
+    def _ipython_display_(self) -> None:  # Jupyter: edgeshard/show.py (bokeh and ipywidgets, imported lazily)
+        from .show import show
+        show(self)
+
     def device_of_unit(self) -> list[str]:
         out = []
         for s in self.stages:

@@ -62,6 +62,10 @@ class Profile:
     def n_units(self) -> int:
         return len(self.units)
 
+    def _ipython_display_(self) -> None:  # Jupyter: edgeshard/show.py (bokeh and ipywidgets, imported lazily)
+        from .show import show
+        show(self)
+
     def link(self, src: str, dst: str) -> Link | None:
         for lk in self.links:
             if lk.src == src and lk.dst == dst:

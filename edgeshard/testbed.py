@@ -99,6 +99,10 @@ class Testbed:
     path: str | None = None  # file it was read from, for messages
     shared_cores: tuple[SharedCores, ...] = ()  # devices sharing one machine's cores (disjoint groups)
 
+    def _ipython_display_(self) -> None:  # Jupyter: edgeshard/show.py (bokeh and ipywidgets, imported lazily)
+        from .show import show
+        show(self)
+
     def sharing(self, name: str) -> SharedCores | None:
         """The [[shared_cores]] group a device belongs to, or None."""
         for g in self.shared_cores:
