@@ -153,7 +153,7 @@ class TestbedEditor(_View):
         self._quiet = False  # set while the editor itself changes widgets
         self.comments_kept = True  # False after a save that had to fall back to plain TOML
         raw = self._doc.unwrap()
-        self._extra_top = {k: raw[k] for k in ("token_file", "description") if k in raw}
+        self._extra_top = {k: raw[k] for k in ("token_file", "description", "shared_cores") if k in raw}
 
         self.name = w.Text(raw.get("name", ""), description="testbed", layout=w.Layout(width="320px"))
         self.name_error = _error_label()

@@ -471,3 +471,17 @@ def test_run_view_in_a_real_kernel(tmp_path):
     out = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "OK" in out
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in nb.cells[0].outputs)
+
+
+def test_editor_keeps_tables_it_does_not_edit(tmp_path):
+    """local.toml has [[shared_cores]]: an edit elsewhere keeps it and the comments (it was dropped, and the save
+    fell back to plain TOML)."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "testbed_configs" / "local.toml"
+    ed = TestbedEditor(src)
+    ed.constraint_fields["max_stages"].value = "2"
+    saved = ed.save(tmp_path / "edited.toml")
+    text = saved.read_text()
+    assert ed.comments_kept and "# The embedded default" in text and "max_stages = 2" in text
+    assert testbed.load(saved).shared_cores == testbed.load(src).shared_cores != ()
