@@ -14,6 +14,7 @@ Names are imported on first use, so `import edgeshard` loads neither torch nor b
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = sorted(_API)
 
 
 def __getattr__(name: str):
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule wins (`from edgeshard import x`)
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _API:
         return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
     raise AttributeError(f"module 'edgeshard' has no attribute {name!r}")
