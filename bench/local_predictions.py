@@ -2,7 +2,8 @@
 (testbed_configs/local.toml, which declares that they share its cores), SmolLM2-135M with real weights.
 
 Each round (default 3; rounds interleave, so a slow spell of the machine hits both modes alike):
-1. wait until other processes leave the cores alone (at most --wait-s), and measure what they take meanwhile;
+1. wait until other processes leave the cores alone (at most --wait-s), and measure what they take while the
+   round profiles and runs (a profile or run they disturbed is left out of the "quiet" rows);
 2. profile SmolLM2 on the devices as `edgeshard profile` does (edgeshard.profiler, no cache);
 3. plan for latency (one sequence) and for throughput (the testbed's [constraints] sequences in flight);
 4. run the latency plan sequentially (one sequence: median per-token latency) and the throughput plan in
@@ -139,10 +140,10 @@ def run_pipeline(tb, pr, plan, state, pids, sequences: int, new_tokens: int) -> 
 def one_round(tb, state, pids, sequences: int, new_tokens: int, repeats: int, cache: Path, pipeline_first: bool,
               quiet_cores: float, wait_s: float, more: tuple[int, ...] = ()) -> dict:
     out = {"others_before_cores": wait_quiet(pids, quiet_cores, wait_s)}
-    t0 = time.monotonic()
-    pr = profiler.profile(tb, MODEL, state, context_tokens=ep.CONTEXT_TOKENS, prefill_tokens=ep.PREFILL_TOKENS,
-                          repeats=repeats, cache_dir=cache, progress=False, use_cache=False)
-    out["profile_s"] = time.monotonic() - t0
+    with Load(pids) as ld:
+        pr = profiler.profile(tb, MODEL, state, context_tokens=ep.CONTEXT_TOKENS, prefill_tokens=ep.PREFILL_TOKENS,
+                              repeats=repeats, cache_dir=cache, progress=False, use_cache=False)
+    out["profile_s"], out["profile_others_cores"] = ld.wall_s, ld.others_cores
     lat = planner.solve(tb, pr, "latency", ep.workload(1))
     thr = planner.solve(tb, pr, "throughput", ep.workload(sequences))
     ref = plots.run_prediction(thr, "pipeline", sequences, tb, pr)
@@ -216,7 +217,8 @@ def summarize(res: dict, quiet: float | None = None) -> list[dict]:
     rows = []
 
     def row(quantity, mode, pkey, mkey, unit, scale, note=""):
-        R = [r for r in res["rounds"] if quiet is None or r[mode]["others_cores"] < quiet]
+        R = [r for r in res["rounds"] if quiet is None or (r[mode]["others_cores"] < quiet
+                                                           and r.get("profile_others_cores", 0.0) < quiet)]
         ratios = [r[mode][mkey] / r[mode][pkey] for r in R if r[mode].get(mkey) and r[mode].get(pkey)]
         ratio = statistics.median(ratios) if ratios else float("nan")
         rows.append({"quantity": quantity, "unit": unit, "predicted": _med(R, mode, pkey) * scale,
@@ -251,8 +253,8 @@ def format_table(res: dict, quiet: float = 0.25) -> str:
     lines = ["| quantity | runs | predicted | measured (median) | measured / predicted | within 25 % | "
              "others' load (cores) |", "|---|---|---|---|---|---|---|"]
     k = 3 + len(res.get("more_sequences", []))
-    for label, rows in (("all runs", summarize(res)[:k]), (f"runs with others under {quiet:g} cores",
-                                                              summarize(res, quiet)[:k])):
+    for label, rows in (("all runs", summarize(res)[:k]),
+                        (f"quiet: others under {quiet:g} cores in the run and its profile", summarize(res, quiet)[:k])):
         for r in rows:
             if not r["runs"]:
                 lines.append(f"| {r['quantity']} ({label}) | 0 | | | | | |")
@@ -271,7 +273,9 @@ def format_table(res: dict, quiet: float = 0.25) -> str:
                  + ", ".join(f"{x:.1f}" for x in p["stage_ms"]) + " ms, contention "
                  + ", ".join(f"{g['factor']:g} ({g['busy']} busy on {g['cores']:g} cores)"
                              for g in p.get("contention") or []))
-    for name, keep in (("all runs", lambda r, m: True), ("quiet runs", lambda r, m: r[m]["others_cores"] < quiet)):
+    for name, keep in (("all runs", lambda r, m: True),
+                       ("quiet runs", lambda r, m: r[m]["others_cores"] < quiet
+                        and r.get("profile_others_cores", 0.0) < quiet)):
         ratios = {m: [x for r in R if keep(r, m) for x in r[m].get("step_ratio", {}).values()]
                   for m in ("sequential", "pipeline")}
         lines.append(f"- compute steps measured / predicted, median over devices and {name}: " + ", ".join(
@@ -282,7 +286,8 @@ def format_table(res: dict, quiet: float = 0.25) -> str:
     lines.append(f"- rounds: {len(R)}; per round: " + "; ".join(
         f"seq {r['sequential']['measured_latency_s'] / r['sequential']['predicted_latency_s']:.2f}, "
         f"pipe {r['pipeline']['measured_tokens_per_s'] / r['pipeline']['predicted_tokens_per_s']:.2f} "
-        f"(others {r['sequential']['others_cores']:.2f} / {r['pipeline']['others_cores']:.2f} cores)" for r in R))
+        f"(others {r.get('profile_others_cores', float('nan')):.2f} / {r['sequential']['others_cores']:.2f} / "
+        f"{r['pipeline']['others_cores']:.2f} cores while profiling / sequential / pipeline)" for r in R))
     return "\n".join(lines)
 
 
