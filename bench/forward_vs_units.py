@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from edgeshard import model as M  # noqa: E402
+from edgeshard.device import model as M  # noqa: E402
 
 PROMPT_TOKENS, STEPS, SEQUENCES = 10, 24, 4
 CONTEXT = PROMPT_TOKENS + STEPS // 2  # the profiler's context: the runs' average (bench/emulated_predictions.py)

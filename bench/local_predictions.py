@@ -4,7 +4,7 @@
 Each round (default 3; rounds interleave, so a slow spell of the machine hits both modes alike):
 1. wait until other processes leave the cores alone (at most --wait-s), and measure what they take while the
    round profiles and runs (a profile or run they disturbed is left out of the "quiet" rows);
-2. profile SmolLM2 on the devices as `edgeshard profile` does (edgeshard.profiler, no cache);
+2. profile SmolLM2 on the devices as `edgeshard profile` does (edgeshard.run.profiler, no cache);
 3. plan for latency (one sequence) and for throughput (the testbed's [constraints] sequences in flight);
 4. run the latency plan sequentially (one sequence: median per-token latency) and the throughput plan in
    pipeline mode with that many sequences (steady tokens/s: bench/emulated_predictions.py's window; and each
@@ -39,7 +39,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import emulated_predictions as ep  # noqa: E402
-from edgeshard import costs, planner, plots, profiler, runtime, testbed as tbm, testbeds  # noqa: E402
+
+from edgeshard import testbeds
+from edgeshard.config import testbed as tbm
+from edgeshard.planning import costs  # noqa: E402
+from edgeshard.planning import dp as planner
+from edgeshard.run import profiler, runtime
+from edgeshard.ui import plots
 
 MODEL = ep.MODEL
 TESTBED = ROOT / "testbed_configs" / "local.toml"

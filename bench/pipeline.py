@@ -26,7 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgeshard import costs, launch, planner, profiler, runtime, testbed as tbm  # noqa: E402
+from edgeshard.config import testbed as tbm
+from edgeshard.planning import costs  # noqa: E402
+from edgeshard.planning import dp as planner
+from edgeshard.run import profiler, runtime
+from edgeshard.testbeds import local as launch
 
 PROMPTS = ["The history of the city of Paris begins", "Once upon a time, in a small village,",
            "The three laws of thermodynamics are"]

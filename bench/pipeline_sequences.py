@@ -22,7 +22,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import emulated_predictions as ep  # noqa: E402
-from edgeshard import costs, planner, profiler, runtime, testbed as tbm, testbeds  # noqa: E402
+
+from edgeshard import testbeds
+from edgeshard.config import testbed as tbm
+from edgeshard.planning import costs  # noqa: E402
+from edgeshard.planning import dp as planner
+from edgeshard.run import profiler, runtime
 
 
 def step_times(events: list[dict]) -> dict[str, float]:

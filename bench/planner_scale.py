@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeshard import planner, testbed as tbm  # noqa: E402
-from edgeshard.costs import CostModel  # noqa: E402
-from edgeshard.synthetic import synthetic_profile  # noqa: E402
-from edgeshard.testbed import GIB, MBIT_S, Device, Link, Testbed  # noqa: E402
+from edgeshard.config import testbed as tbm
+from edgeshard.config.testbed import GIB, MBIT_S, Device, Link, Testbed  # noqa: E402
+from edgeshard.planning import dp as planner  # noqa: E402
+from edgeshard.planning.costs import CostModel  # noqa: E402
+from edgeshard.planning.synthetic import synthetic_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

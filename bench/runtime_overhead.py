@@ -22,8 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeshard import catalog, launch, runtime, testbed as tbm  # noqa: E402
-from edgeshard.plan import Plan, Stage  # noqa: E402
+from edgeshard.config import catalog  # noqa: E402
+from edgeshard.config import testbed as tbm
+from edgeshard.config.plan import Plan, Stage  # noqa: E402
+from edgeshard.run import runtime
+from edgeshard.testbeds import local as launch
 
 TB = """
 name = "bench-overhead"
@@ -48,7 +51,7 @@ def hf_decode_rate(model: str, n: int) -> tuple[float, list[int]]:
     """Decode tokens/s of transformers generate in this process: (n - 1) / (t(n tokens) - t(1 token))."""
     import torch
 
-    from edgeshard import model as M
+    from edgeshard.device import model as M
 
     torch.set_num_threads(1)
     full = M._reference_model(model, "float32", 0)

@@ -14,23 +14,21 @@ Names are imported on first use, so `import edgeshard` loads neither torch nor b
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 __version__ = "0.1.0"
 
 _API = {
     "Lab": "lab", "LiveRun": "lab", "PlanDiff": "lab", "Comparison": "lab", "Report": "lab",
     "load_testbed": "lab", "load_profile": "lab", "load_plan": "lab", "diff": "lab", "compare": "lab",
-    "editor": "lab", "setup_notebook": "lab", "glue": "glue",
-    "Testbed": "testbed", "Profile": "profile", "Plan": "plan", "Workload": "costs",
-    "ConfigError": "errors", "InfeasibleError": "errors", "PlanError": "errors", "EdgeshardError": "errors",
+    "editor": "lab", "setup_notebook": "lab", "glue": "ui.glue",
+    "Testbed": "config.testbed", "Profile": "config.profile", "Plan": "config.plan", "Workload": "planning.costs",
+    "ConfigError": "config.errors", "InfeasibleError": "config.errors", "PlanError": "config.errors",
+    "EdgeshardError": "config.errors",
 }
 __all__ = sorted(_API)
 
 
 def __getattr__(name: str):
-    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule wins (`from edgeshard import x`)
-        return importlib.import_module(f"{__name__}.{name}")
     if name in _API:
         return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
     raise AttributeError(f"module 'edgeshard' has no attribute {name!r}")

@@ -22,12 +22,13 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from . import plan as planm, testbed as tbm
-from .costs import Workload
-from .errors import ConfigError
+from edgeshard.config import paths
+from edgeshard.config import plan as planm
+from edgeshard.config import testbed as tbm
+from edgeshard.config.errors import ConfigError
+from edgeshard.planning.costs import Workload
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "testbed_configs"
+CONFIGS = paths.CONFIGS
 
 # Profiling defaults for a notebook session: medians of 3 timings per unit, decode measured at a 64-token KV
 # cache, prefill of 16 tokens, 0.1 s link probes with 10 pings (a few seconds per device on the local testbed).
@@ -50,7 +51,7 @@ def load_testbed(name_or_path) -> tbm.Testbed:
 
 
 def load_profile(path):
-    from . import profile
+    from edgeshard.config import profile
     return profile.load(path)
 
 
@@ -65,7 +66,7 @@ def diff(a: planm.Plan, b: planm.Plan, name_a: str = "A", name_b: str = "B") -> 
 
 def compare(testbed="paper-edge", models=None, bandwidths=None, links: str = "source") -> "Comparison":
     """EdgeShard against every baseline per model and source<->cloud bandwidth (synthetic profiles, no devices)."""
-    from . import compare as cmp
+    from edgeshard.planning import compare as cmp
     tb = load_testbed(testbed)
     kw = {k: v for k, v in (("models", models), ("bandwidths", bandwidths)) if v is not None}
     return Comparison(tb, cmp.sweep(tb, links=links, **kw))
@@ -73,14 +74,14 @@ def compare(testbed="paper-edge", models=None, bandwidths=None, links: str = "so
 
 def editor(testbed="local"):
     """A widget editing a testbed TOML (devices, links, defaults, constraints), saving with comments kept."""
-    from . import widgets
+    from edgeshard.ui import widgets
     tb = load_testbed(testbed)
     return widgets.TestbedEditor(tb.path or tb)
 
 
 def setup_notebook() -> None:
     """BokehJS inline (no CDN): call once before the first figure. Lab and the display methods call it."""
-    from . import widgets
+    from edgeshard.ui import widgets
     widgets.setup_notebook()
 
 
@@ -99,9 +100,10 @@ class PlanDiff:
         return planm.format_diff(self.a, self.b, self.name_a, self.name_b)
 
     def _ipython_display_(self) -> None:
-        from . import plots, widgets
-        from IPython.display import display
         import ipywidgets
+        from IPython.display import display
+
+        from edgeshard.ui import plots, widgets
         setup_notebook()
         fig = plots.plan_diff_figure(self.a, self.b, self.name_a, self.name_b)
         display(ipywidgets.VBox([widgets.bokeh_widget(fig), ipywidgets.HTML(f"<pre>{plots.html_escape(str(self))}</pre>")]))
@@ -113,17 +115,18 @@ class Comparison:
     rows: list
 
     def gain(self, model: str, bandwidth: float, objective: str):
-        from . import compare as cmp
+        from edgeshard.planning import compare as cmp
         return cmp.gain(self.rows, model, bandwidth, objective)
 
     def __str__(self) -> str:
-        from . import compare as cmp
+        from edgeshard.planning import compare as cmp
         return cmp.format_table(self.rows)
 
     def _ipython_display_(self) -> None:
-        from . import plots, widgets
-        from IPython.display import display
         import ipywidgets
+        from IPython.display import display
+
+        from edgeshard.ui import plots, widgets
         setup_notebook()
         models = sorted({r["model"] for r in self.rows})
         parts = [ipywidgets.HTML(f"<pre>{plots.html_escape(str(self))}</pre>")]
@@ -162,13 +165,13 @@ class Lab:
 
     # --- life cycle -----------------------------------------------------------------------------------------
     def up(self) -> "Lab":
-        from . import testbeds
+        from edgeshard import testbeds
         if not self.is_up:
             self.state = testbeds.up(self.testbed, local=self.local, state_dir=self.state_dir)
         return self
 
     def down(self) -> list:
-        from . import testbeds
+        from edgeshard import testbeds
         if testbeds.find_state(self.testbed, self.state_dir) is None:
             self.state = None
             return []
@@ -178,12 +181,12 @@ class Lab:
 
     @property
     def is_up(self) -> bool:
-        from . import testbeds
+        from edgeshard import testbeds
         return testbeds.find_state(self.testbed, self.state_dir) is not None
 
     def status(self) -> dict:
         """{device: "healthy" or the error}; empty when the testbed is down."""
-        from . import testbeds
+        from edgeshard import testbeds
         st = testbeds.status(self.testbed, self.state_dir) if self.is_up else None
         return {n: ("healthy" if d["healthy"] else d.get("error", "not healthy")) for n, d in (st or {}).get("devices", {}).items()}
 
@@ -197,7 +200,7 @@ class Lab:
     def profile(self, model: str = "smollm2-135m", use_cache: bool = True, progress: bool = True, **kw):
         """Measure `model` on every device and link of the testbed (brought up if it is not); cached on disk by
         everything that changes a measurement. Keywords: repeats, context_tokens, prefill_tokens, ..."""
-        from . import profiler
+        from edgeshard.run import profiler
         self.up()
         params = {**PROFILE_DEFAULTS, **kw}
         pr = profiler.profile(self.testbed, model, self.state, use_cache=use_cache, progress=progress, **params)
@@ -214,7 +217,8 @@ class Lab:
     def plan(self, objective: str = "latency", model: str | None = None, strategy: str = "edgeshard",
              prompt_tokens: int = 16, new_tokens: int = 64, sequences: int | None = None) -> planm.Plan:
         """The plan of `strategy` (default the exact DP) for `objective` on the last profiled model."""
-        from . import baselines, planner
+        from edgeshard.planning import baselines
+        from edgeshard.planning import dp as planner
         pr = self._profile_for(model)
         wl = Workload(prompt_tokens, new_tokens, sequences or self.testbed.constraints.sequences or 1)
         if strategy == "edgeshard":
@@ -227,7 +231,7 @@ class Lab:
     def planner(self, objective: str = "throughput", model: str | None = None, prompt_tokens: int = 16,
                 new_tokens: int = 64):
         """Every strategy side by side, plan figures, diffs and a what-if link slider (a widget)."""
-        from . import widgets
+        from edgeshard.ui import widgets
         return widgets.PlannerView(self.testbed, self._profile_for(model), objective=objective,
                                    workload=Workload(prompt_tokens, new_tokens))
 
@@ -235,7 +239,7 @@ class Lab:
             runs_dir="runs", start: bool = True, **kw) -> "LiveRun":
         """Generate in the background over the plan's devices; returns a LiveRun (live view with Stop).
         mode: "pipeline" (all prompts in flight) for a throughput plan, else "sequential"."""
-        from . import runtime
+        from edgeshard.run import runtime
         plan = plan or (self.plans[-1] if self.plans else self.plan())
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         mode = mode or ("pipeline" if plan.objective == "throughput" and len(prompts) > 1 else "sequential")
@@ -263,7 +267,7 @@ class LiveRun:
     wait() blocks until it ends and returns the result; report() renders its run folder."""
 
     def __init__(self, start_fn, plan, start: bool = True):
-        from . import widgets
+        from edgeshard.ui import widgets
         setup_notebook()
         self.view = widgets.RunView(start_fn, plan)
         if start:
@@ -306,7 +310,7 @@ class LiveRun:
         return [r["text"] for r in (self.result or {}).get("results", [])]
 
     def report(self) -> "Report":
-        from . import report
+        from edgeshard.ui import report
         if self.run_dir is None:
             raise ConfigError("LiveRun.report", "the run has not ended or wrote no run folder", "wait() first")
         return Report(report.render(self.run_dir))

@@ -40,7 +40,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline: SmolLM2 comes from a local package, never the hub
 import edgeshard
-from edgeshard import testbed as tbm, testbeds, widgets
+from edgeshard.config import testbed as tbm
+from edgeshard import testbeds
+from edgeshard.ui import widgets
 
 widgets.setup_notebook()  # BokehJS inline (no CDN), before any figure
 ROOT = Path(edgeshard.__file__).resolve().parent.parent  # the repository: testbed_configs/ lives there
@@ -111,7 +113,9 @@ NB00 = [
     from pathlib import Path
 
     import edgeshard
-    from edgeshard import compare, plots, testbed as tbm, widgets
+    from edgeshard.planning import compare
+    from edgeshard.ui import plots, widgets
+    from edgeshard.config import testbed as tbm
 
     widgets.setup_notebook()  # BokehJS inline (no CDN)
     ROOT = Path(edgeshard.__file__).resolve().parent.parent
@@ -260,7 +264,7 @@ NB02 = [
     # 02 · Profile the model on the testbed
 
     Bring the local testbed up, measure per-unit decode and prefill times on every device and the links between
-    them (`edgeshard.profiler`, with a progress bar), show them, and save `profile.json`. Profiles are cached by
+    them (`edgeshard.run.profiler`, with a progress bar), show them, and save `profile.json`. Profiles are cached by
     everything that changes a measurement, so a second run (or notebooks 03-05) reuses it.
     """),
     params(f"""
@@ -276,7 +280,7 @@ NB02 = [
     import tempfile
     import time
 
-    from edgeshard import profiler
+    from edgeshard.run import profiler
 
     t0 = time.monotonic()
     state = testbeds.up(tb, local=True, state_dir=STATE_DIR)
@@ -331,8 +335,9 @@ NB03 = [
     """),
     code(SETUP),
     code(f"""
-    from edgeshard import profile as profile_mod, profiler
-    from edgeshard.costs import Workload
+    from edgeshard.config import profile as profile_mod
+    from edgeshard.run import profiler
+    from edgeshard.planning.costs import Workload
 
     if PROFILE_JSON:
         profile = profile_mod.load(PROFILE_JSON)
@@ -363,7 +368,7 @@ NB03 = [
     import html
     import re
 
-    from edgeshard.plan import format_diff
+    from edgeshard.config.plan import format_diff
 
 
     def shown(html_value):
@@ -422,8 +427,9 @@ NB04 = [
     code(f"""
     import time
 
-    from edgeshard import planner, profiler, runtime
-    from edgeshard.costs import Workload
+    from edgeshard.planning import dp as planner
+    from edgeshard.run import profiler, runtime
+    from edgeshard.planning.costs import Workload
 
     t0 = time.monotonic()
     state = testbeds.up(tb, local=True, state_dir=STATE_DIR)
@@ -557,8 +563,10 @@ NB05 = [
     """),
     code(SETUP),
     code(f"""
-    from edgeshard import planner, profiler, report, reproduce, runtime
-    from edgeshard.costs import Workload
+    from edgeshard.planning import dp as planner
+    from edgeshard.run import profiler, reproduce, runtime
+    from edgeshard.ui import report
+    from edgeshard.planning.costs import Workload
 
     state = testbeds.up(tb, local=True, state_dir=STATE_DIR)
     profile = {PROFILE_CALL.format(indent=" " * 31, extra="")}

@@ -56,8 +56,8 @@ def one_line_error(r, *names) -> str:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A testbed (with and without a cloud), a synthetic llama2-7b profile, and broken files of each kind."""
-    from edgeshard import testbed as tbm
-    from edgeshard.synthetic import synthetic_profile
+    from edgeshard.config import testbed as tbm
+    from edgeshard.planning.synthetic import synthetic_profile
 
     d = tmp_path_factory.mktemp("bad-input")
     (d / "tb.toml").write_text(TB)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TB = """
@@ -41,7 +40,7 @@ def es(*args, cwd, check=True):
 
 
 def test_cli_round_trip(tmp_path):
-    from edgeshard import model
+    from edgeshard.device import model
     (tmp_path / "tb.toml").write_text(TB)
     sd = ["--state-dir", str(tmp_path / "state")]
     r = es("testbed", "up", "tb.toml", "--local", *sd, cwd=tmp_path)

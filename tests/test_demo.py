@@ -1,4 +1,4 @@
-"""`make demo` end to end from cold caches, as a newcomer runs it: `python -m edgeshard.demo` in a subprocess with
+"""`make demo` end to end from cold caches, as a newcomer runs it: `python -m edgeshard.cli.demo` in a subprocess with
 empty EDGESHARD_HOME and EDGESHARD_CACHE_DIR of its own (so the SmolLM2 conversion happens in this run).
 
 - as root, the kernel-emulated testbed (the case that was OOM-killed on every fresh machine: a device converting
@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ def _cold_env(base: Path, **extra) -> dict:
 
 
 def _run_demo(base: Path, env: dict, user: int | None = None) -> str:
-    argv = [sys.executable, "-m", "edgeshard.demo"]
+    argv = [sys.executable, "-m", "edgeshard.cli.demo"]
     if user:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *argv]
     p = subprocess.run(argv, cwd=base / "work", env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

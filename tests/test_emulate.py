@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard import emulate
-from edgeshard.testbed import GIB, MBIT_S, Device, Link, Testbed
+from edgeshard.config.testbed import GIB, MBIT_S, Device, Link, Testbed
+from edgeshard.testbeds import emulated as emulate
 
 OK, WHY = emulate.available() if sys.platform == "linux" else (False, "not Linux")
 needs_emulation = pytest.mark.skipif(not OK, reason=f"emulated testbed unavailable: {WHY}")
@@ -376,7 +376,7 @@ CRASHING_CONTROLLER = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, sys.argv[1])
     from tests.test_emulate import make_testbed, serve_argv
-    from edgeshard import emulate
+    from edgeshard.testbeds import emulated as emulate
     st = emulate.up(make_testbed("pytest-crash", {"a": (None, 0.25), "b": (0.5, 0.25)}), serve_argv, sys.argv[2])
     print(json.dumps([d["pid"] for d in st["devices"].values()]), flush=True)
     os._exit(1)  # no down, no cleanup: a crashed controller

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from edgeshard import testbeds, testbed as tbm  # noqa: E402
+from edgeshard import testbeds  # noqa: E402
+from edgeshard.config import testbed as tbm
 
 OK, WHY = testbeds.mode_available() if sys.platform == "linux" else (False, "not Linux")
 if OK and importlib.util.find_spec("torch") is None:
@@ -62,7 +63,7 @@ def emulated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def profiled(emulated, ep):
-    from edgeshard import profiler
+    from edgeshard.run import profiler
 
     tb, state, cache = emulated
     return profiler.profile(tb, ep.MODEL, state, context_tokens=ep.CONTEXT_TOKENS, prefill_tokens=ep.PREFILL_TOKENS,
@@ -143,7 +144,7 @@ def _best(attempts: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def test_plan_predicts_sequential_latency(emulated, profiled, ep):
-    from edgeshard import planner
+    from edgeshard.planning import dp as planner
 
     tb, state, _ = emulated
     plan = planner.solve(tb, profiled, "latency", ep.workload())
@@ -165,7 +166,7 @@ def test_plan_predicts_pipeline_throughput(emulated, profiled, ep):
     """The throughput plan run with 4 sequences per stage in flight: steady tokens/s within 20 % of the plan's
     closed-pipeline prediction for that many sequences (costs.closed_pipeline_rate; 1/bottleneck, the paper's
     figure, is printed beside it: it ran 12-26 % high here, docs/emulation.md)."""
-    from edgeshard import planner
+    from edgeshard.planning import dp as planner
 
     tb, state, _ = emulated
     plan = planner.solve(tb, profiled, "throughput", ep.workload())
@@ -208,8 +209,9 @@ def test_plan_that_ignores_memory_kills_the_device_clearly(tmp_path, ep):
     """SmolLM2's 30 layers and head (~540 MB) on a device with memory_gib 0.1: beyond memory_gib + the runtime
     allowance, so the kernel OOM-kills its server while it loads, and the runtime says which device failed and
     why. (No cpu_share: this is about memory, and unthrottled devices load fast.)"""
-    from edgeshard import emulate, runtime
-    from edgeshard.plan import Plan, Stage
+    from edgeshard.config.plan import Plan, Stage
+    from edgeshard.run import runtime
+    from edgeshard.testbeds import emulated as emulate
 
     (tmp_path / "oom.toml").write_text(OVERLOAD)
     tb = tbm.load(tmp_path / "oom.toml")

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from edgeshard import plan as planm, profile as prof, testbed as tbm
-from edgeshard.errors import ConfigError
-from edgeshard.synthetic import synthetic_profile
+from edgeshard.config import plan as planm
+from edgeshard.config import profile as prof
+from edgeshard.config import testbed as tbm
+from edgeshard.config.errors import ConfigError
+from edgeshard.planning.synthetic import synthetic_profile
 
 GOOD = """
 name = "t"
@@ -134,7 +136,8 @@ def test_synthetic_profile_needs_kinds():
 def test_catalog_unit_sizes_match_measured_reference():
     """Weight bytes agree with the H200 measurement file's layer_weight_bytes (an independent count)."""
     from pathlib import Path
-    from edgeshard import catalog
+
+    from edgeshard.config import catalog
     data = json.loads((Path(__file__).resolve().parents[2] / "shared" / "data" / "h200_llama2_layer_costs.json").read_text()) \
         if (Path(__file__).resolve().parents[2] / "shared").exists() else None
     if data is None:
@@ -149,7 +152,7 @@ def test_catalog_unit_sizes_match_measured_reference():
 
 
 def test_plan_json_is_byte_identical_and_round_trips(tmp_path):
-    from edgeshard import planner
+    from edgeshard.planning import dp as planner
     tb = tbm.loads(GOOD, "t.toml")
     pr = synthetic_profile(tb, "tiny-llama")
     a = planner.solve(tb, pr, "latency").dumps()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edgeshard import metrics
+from edgeshard.run import metrics
 
 
 def run_events():

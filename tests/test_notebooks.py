@@ -140,7 +140,7 @@ def test_01_testbed(work):
 
 
 def test_02_profile(work):
-    from edgeshard import profile as profile_mod
+    from edgeshard.config import profile as profile_mod
 
     nb, text = execute(work, "02_profile", OUT_DIR=str(work / "profile"))
     pr = profile_mod.load(work / "profile" / "profile.json")

@@ -4,14 +4,15 @@ import itertools
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from edgeshard import planner
-from edgeshard.costs import CostModel, Workload, objective_value
-from edgeshard.errors import InfeasibleError
-from edgeshard.plan import Stage
-from edgeshard.profile import DeviceCosts, Profile, Unit
-from edgeshard.testbed import GIB, MBIT_S, Constraints, Device, Link, SharedCores, Testbed
+from edgeshard.config.errors import InfeasibleError
+from edgeshard.config.plan import Stage
+from edgeshard.config.profile import DeviceCosts, Profile, Unit
+from edgeshard.config.testbed import GIB, MBIT_S, Constraints, Device, Link, SharedCores, Testbed
+from edgeshard.planning import dp as planner
+from edgeshard.planning.costs import CostModel, Workload, objective_value
 
 
 def brute_force(tb, pr, objective, workload):

@@ -1,7 +1,7 @@
 """Cost model by hand, baselines, infeasibility messages, the planning CLI, compare, and import layering."""
 
-import json
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard import baselines, compare, planner, testbed as tbm
-from edgeshard.cli import main
-from edgeshard.costs import CostModel, Workload
-from edgeshard.errors import InfeasibleError, PlanError
-from edgeshard.plan import Stage
-from edgeshard.profile import DeviceCosts, Profile, Unit
-from edgeshard.synthetic import synthetic_profile
+from edgeshard.cli.main import main
+from edgeshard.config import testbed as tbm
+from edgeshard.config.errors import InfeasibleError, PlanError
+from edgeshard.config.plan import Stage
+from edgeshard.config.profile import DeviceCosts, Profile, Unit
+from edgeshard.planning import baselines, compare
+from edgeshard.planning import dp as planner
+from edgeshard.planning.costs import CostModel, Workload
+from edgeshard.planning.synthetic import synthetic_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 TB = """
@@ -164,7 +166,7 @@ def test_compare_reproduces_the_papers_qualitative_results():
 
 
 def test_planner_imports_neither_torch_nor_rpyc():
-    code = ("import sys, edgeshard.planner, edgeshard.baselines, edgeshard.compare, edgeshard.cli; "
+    code = ("import sys, edgeshard.planning.dp, edgeshard.planning.baselines, edgeshard.planning.compare, edgeshard.cli.main; "
             "bad = [m for m in ('torch', 'rpyc', 'transformers', 'bokeh') if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
@@ -195,7 +197,7 @@ def test_closed_pipeline_rate_against_closed_forms():
     """Mean value analysis checked where the answer is known: one sequence is one round trip; K balanced
     exponential stations with N sequences give N / (N + K - 1) of their rate (product form); many sequences
     approach 1 / bottleneck from below; more sequences never lower the rate."""
-    from edgeshard.costs import closed_pipeline_rate as rate
+    from edgeshard.planning.costs import closed_pipeline_rate as rate
 
     assert math.isclose(rate([0.01, 0.02, 0.005], 0.03, 1), 1 / (0.01 + 0.02 + 0.005 + 0.03))
     for k, n in [(2, 1), (3, 5), (4, 16)]:
@@ -220,7 +222,7 @@ def test_plan_predicts_the_pipeline_for_its_sequences_in_flight():
 def test_hand_written_plan_gets_the_evaluators_predictions(tmp_path, capsys):
     """A plan file with only "stages" (optionally "objective") is read everywhere with strategy "manual";
     `plan --from` fills in its predictions with the one evaluator (costs.CostModel), as for every strategy."""
-    from edgeshard import plan as planm
+    from edgeshard.config import plan as planm
 
     tbp = str(ROOT / "testbed_configs" / "paper-latency.toml")
     tb = tbm.load(tbp)

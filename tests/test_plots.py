@@ -5,11 +5,13 @@ import math
 import pytest
 from bokeh.models import ColumnDataSource, LogScale, Span
 
-from edgeshard import baselines, plots, synthetic, testbed
-from edgeshard.costs import Workload
-from edgeshard.plan import diff
-from edgeshard.profile import Profile
-from edgeshard.testbed import MBIT_S, Link
+from edgeshard.config import testbed
+from edgeshard.config.plan import diff
+from edgeshard.config.profile import Profile
+from edgeshard.config.testbed import MBIT_S, Link
+from edgeshard.planning import baselines, synthetic
+from edgeshard.planning.costs import Workload
+from edgeshard.ui import plots
 
 TESTBED = """
 name = "lab"
@@ -246,9 +248,9 @@ SHARED = TESTBED + '\n[[shared_cores]]\ndevices = ["nx1", "agx", "rtx"]\ncores =
 def pipeline_case(text=SHARED, provenance=None):
     """A plan for 3 sequences in flight over all three devices, judged by the cost model (on 2 shared cores the
     optimal throughput plan would leave one out: tests/test_shared_cores.py)."""
-    from edgeshard import planner
-    from edgeshard.costs import CostModel
-    from edgeshard.plan import Stage
+    from edgeshard.config.plan import Stage
+    from edgeshard.planning import dp as planner
+    from edgeshard.planning.costs import CostModel
 
     tb = testbed.loads(text)
     pr = synthetic.synthetic_profile(tb, "llama2-7b")
@@ -263,7 +265,7 @@ def pipeline_case(text=SHARED, provenance=None):
 def test_live_run_plot_pipeline_reference_is_the_pipelines_own():
     """Pipeline mode: tokens/s against the closed-pipeline prediction (shared cores charged), and each sequence's
     per-token latency against sequences / that rate, not the one-sequence latency."""
-    from edgeshard.costs import CostModel
+    from edgeshard.planning.costs import CostModel
 
     tb, pr, plan = pipeline_case()
     expected = CostModel(tb, pr).evaluate(plan.stages, Workload(32, 16, 3))

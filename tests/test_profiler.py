@@ -8,8 +8,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("torch")
 
-from edgeshard import catalog, launch, planner, profile as profm, profiler, testbed as tbm  # noqa: E402
+from edgeshard.config import catalog  # noqa: E402
+from edgeshard.config import profile as profm
+from edgeshard.config import testbed as tbm
 from edgeshard.device.client import DeviceClient  # noqa: E402
+from edgeshard.planning import dp as planner
+from edgeshard.run import profiler
+from edgeshard.testbeds import local as launch
 
 TB = """
 name = "prof-test"

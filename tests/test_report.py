@@ -9,8 +9,12 @@ import re
 
 import pytest
 
-from edgeshard import metrics, planner, report, synthetic, testbed
-from edgeshard.costs import CostModel, Workload
+from edgeshard.config import testbed
+from edgeshard.planning import dp as planner
+from edgeshard.planning import synthetic
+from edgeshard.planning.costs import CostModel, Workload
+from edgeshard.run import metrics
+from edgeshard.ui import report
 
 TESTBED = """\
 name = "lab"
@@ -134,7 +138,7 @@ def test_predicted_vs_measured_numbers(tmp_path):
 def test_comparison_html_marks_oom(tmp_path):
     tb = testbed.loads(TESTBED)
     pr = synthetic.synthetic_profile(tb, "llama2-7b")
-    from edgeshard import baselines
+    from edgeshard.planning import baselines
     html = report.comparison_html(baselines.plan_all(tb, pr))
     row = re.search(r"<tr class=\"bad\">.*?</tr>", html).group(0)
     assert "edge-solo" in row and "OOM" in row
@@ -159,7 +163,7 @@ def test_pipeline_run_is_compared_with_the_prediction_for_its_sequences(tmp_path
 def pipeline_run(d, provenance=None, p50_scale=None):
     """make_run's folder as a pipeline run of 3 prompts; optionally the profile's provenance replaced and the
     summary's median per-token latency set to p50_scale x the pipeline's per-sequence prediction."""
-    from edgeshard import profile as profm
+    from edgeshard.config import profile as profm
 
     make_run(d)
     if provenance is not None:

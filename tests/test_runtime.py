@@ -14,11 +14,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from edgeshard import catalog, launch, runtime, testbed as tbm  # noqa: E402
-from edgeshard.errors import PlanError  # noqa: E402
-from edgeshard.plan import Plan, Stage  # noqa: E402
+from edgeshard.config import catalog  # noqa: E402
+from edgeshard.config import testbed as tbm
+from edgeshard.config.errors import PlanError  # noqa: E402
+from edgeshard.config.plan import Plan, Stage  # noqa: E402
+from edgeshard.run import runtime
+from edgeshard.testbeds import local as launch
 
-M = pytest.importorskip("edgeshard.model")
+M = pytest.importorskip("edgeshard.device.model")
 
 TB = """
 name = "rt-test"

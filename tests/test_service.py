@@ -10,9 +10,10 @@ import time
 import pytest
 import rpyc
 
-from edgeshard import launch, testbed as tbm
+from edgeshard.config import testbed as tbm
 from edgeshard.device import auth, wire
 from edgeshard.device.client import DeviceClient, DeviceError
+from edgeshard.testbeds import local as launch
 
 TB = """
 name = "svc-test"
@@ -117,7 +118,7 @@ def test_data_plane_refuses_without_token(up):
 def test_link_probe_sees_the_shaping(up):
     """Device a measures its link to b over the data plane, through the shaping the runtime configures."""
     _, state = up
-    from edgeshard.runtime import shaping_for
+    from edgeshard.run.runtime import shaping_for
 
     with client(state, "a") as a:
         a.set_links(shaping_for(state, "a"))

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard import planner, testbed as tbm
-from edgeshard.costs import CostModel, Workload, closed_pipeline_rate, unmodelled_sharing
-from edgeshard.errors import ConfigError
-from edgeshard.plan import Stage
-from edgeshard.profile import DeviceCosts, Profile, Unit
+from edgeshard.config import testbed as tbm
+from edgeshard.config.errors import ConfigError
+from edgeshard.config.plan import Stage
+from edgeshard.config.profile import DeviceCosts, Profile, Unit
+from edgeshard.planning import dp as planner
+from edgeshard.planning.costs import CostModel, Workload, closed_pipeline_rate, unmodelled_sharing
 
 ROOT = Path(__file__).resolve().parent.parent
 TB = """

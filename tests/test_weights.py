@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard import launch, testbed as tbm, weights
-from edgeshard.device import auth
+from edgeshard.config import testbed as tbm
+from edgeshard.device import auth, weights
 from edgeshard.device.client import DeviceClient, DeviceError
+from edgeshard.testbeds import local as launch
 
 pytestmark = pytest.mark.weights
 
@@ -34,7 +35,7 @@ def watch():
         peak[0] = max(peak[0], kb)
         time.sleep(0.002)
 threading.Thread(target=watch, daemon=True).start()
-from edgeshard import weights
+from edgeshard.device import weights
 weights.prepare("weights")
 time.sleep(0.05)
 print(peak[0] // 1024)

@@ -9,13 +9,14 @@ import time
 import pytest
 from bokeh.models import ColumnDataSource
 
-from edgeshard import baselines, synthetic, testbed
-from edgeshard.costs import CostModel, Workload
-from edgeshard.errors import ConfigError
-from edgeshard.plan import diff
-from edgeshard.profile import Profile
-from edgeshard.testbed import MBIT_S, Link
-from edgeshard.widgets import PlannerView, ProfileView, RunView, TestbedEditor, scaled_link
+from edgeshard.config import testbed
+from edgeshard.config.errors import ConfigError
+from edgeshard.config.plan import diff
+from edgeshard.config.profile import Profile
+from edgeshard.config.testbed import MBIT_S, Link
+from edgeshard.planning import baselines, synthetic
+from edgeshard.planning.costs import CostModel, Workload
+from edgeshard.ui.widgets import PlannerView, ProfileView, RunView, TestbedEditor, scaled_link
 
 TESTBED = """\
 # A small edge testbed (comment at the top)
@@ -448,7 +449,7 @@ def test_run_view_sequences_errors_and_event_handles():
 
 NOTEBOOK_CELLS = [
     "import sys; sys.path.insert(0, {dir!r})\nfrom fakerun import FakeRun\n"
-    "from edgeshard.widgets import RunView, setup_notebook\nsetup_notebook()\n"
+    "from edgeshard.ui.widgets import RunView, setup_notebook\nsetup_notebook()\n"
     "v = RunView(lambda: FakeRun(dt=0.01), poll_s=0.05)\nv.start_button.click()\nv",
     "import asyncio\nawait asyncio.sleep(0.8)\nassert v.running and v.live.count > 10, v.live.count",
     "v.stop_button.click()\nfor _ in range(100):\n    await asyncio.sleep(0.05)\n    if not v.running: break\n"

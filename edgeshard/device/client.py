@@ -12,9 +12,8 @@ import threading
 import rpyc
 from rpyc.core.stream import SocketStream
 
-from .. import weights
-from . import auth, wire
-from .service import PROTOCOL_CONFIG
+from edgeshard.device import auth, weights, wire
+from edgeshard.device.service import PROTOCOL_CONFIG
 
 DEFAULT_TIMEOUT_S = 60.0  # ordinary calls
 LONG_TIMEOUT_S = 3600.0  # model loads, profiling, link probes

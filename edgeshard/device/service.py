@@ -41,7 +41,7 @@ import rpyc
 from rpyc.utils.authenticators import AuthenticationError
 from rpyc.utils.server import ThreadedServer
 
-from . import auth, wire
+from edgeshard.device import auth, wire
 
 PROTOCOL_CONFIG = {
     "allow_pickle": False,
@@ -405,7 +405,7 @@ class Node:
                        epoch)
 
     def _sample(self, seq: int, logits) -> int:
-        from .. import model as M
+        from edgeshard.device import model as M
 
         s = self.cfg.get("sampling", {})
         temp, top_p = float(s.get("temperature", 0.0)), float(s.get("top_p", 1.0))
@@ -483,7 +483,7 @@ class Node:
     def load_stage(self, spec: dict) -> dict:
         """Load (or keep, when identical) the shard [start, stop) of a model."""
         def load():
-            from .. import model as M
+            from edgeshard.device import model as M
 
             key = {k: spec.get(k) for k in ("model", "start", "stop", "dtype", "seed")}
             t0 = time.time()
@@ -561,8 +561,8 @@ class Node:
     def _load_tokenizer(self, model: str) -> None:
         """The source's tokenizer (None for random-weight models without one: prompts are then token ids).
         EOS ids come from the model config, as transformers generate takes them."""
-        from .. import model as M
-        from ..errors import ConfigError
+        from edgeshard.config.errors import ConfigError
+        from edgeshard.device import model as M
 
         if self.tokenizer_model != model:
             try:
@@ -610,7 +610,7 @@ class Node:
 
     def profile_units(self, spec: dict) -> dict:
         def prof():
-            from .. import model as M
+            from edgeshard.device import model as M
 
             # The profiler sizes its chunks to half the device's memory; a stage still loaded from a run would
             # come on top (on an emulated device: an OOM kill). The next run's load_stage loads it again.

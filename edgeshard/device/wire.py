@@ -42,10 +42,10 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from . import auth
+from edgeshard.device import auth
 
 MAGIC = b"ESD1"
 HEADER = struct.Struct("<4sBBBBqqq4qQ")
@@ -79,6 +79,7 @@ CONTROL_MAX_BYTES = 1 << 16  # HELLO, TOKEN, END, PING, PONG, BULK_ACK, ERROR: s
 ACT_UNCONFIGURED_BYTES = 1 << 16  # ACT before a stage is configured: a few decode steps, never a prefill
 BULK_MAX_BYTES = 64 << 20  # BULK on a plain connection (bench/dataplane.py sends 16 MiB); devices narrow it
 EVENTS_MAX_BYTES = 16 << 20  # one EVENTS frame; the device splits event batches to stay under it
+REFUSE_LINGER_S = 1.0  # at most this long spent discarding a refused frame's payload (Connection._linger)
 REFUSE_SEND_WAIT_S = 1.0  # how long a refusal waits for a send in progress before closing without an ERROR
 
 
@@ -268,16 +269,38 @@ class Connection:
         body = json.dumps({"message": message, "kind": KIND_NAMES.get(kind, kind), "nbytes": nbytes, "limit": limit},
                           separators=(",", ":")).encode()
         frame = pack_header(ERROR, seq, 0, 0, BYTES, (), len(body)) + body
+        sent = False
         if self._send_lock.acquire(timeout=REFUSE_SEND_WAIT_S):  # another thread may be mid-frame
             try:
                 if not self.closed:
                     self.sock.send(frame, getattr(socket, "MSG_DONTWAIT", 0))  # never block on a peer not reading
+                    sent = True
             except OSError:
                 pass
             finally:
                 self._send_lock.release()
+        if sent:
+            self._linger(nbytes)
         self.close()
         raise FrameRefused(f"{self.peer}: {message}", kind, nbytes, limit)
+
+    def _linger(self, nbytes: int) -> None:
+        """A lingering close, as HTTP servers do: closing with the peer's payload unread makes the kernel reset the
+        connection, and a reset can discard the ERROR frame before the peer reads it. So stop sending, then read and
+        discard into one fixed buffer (nothing allocated per byte) until the peer stops, the announced payload is
+        consumed, or REFUSE_LINGER_S passes."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + REFUSE_LINGER_S
+            sink, left = bytearray(1 << 16), nbytes
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(wait)
+                n = self.sock.recv_into(sink)
+                if n == 0:
+                    break
+                left -= n
+        except OSError:
+            pass
 
     def start_reader(self, handler: Callable[["Connection", Frame], None],
                      on_close: Callable[["Connection", BaseException | None], None] | None = None,

@@ -1,0 +1,1 @@
+"""The `edgeshard` command and `make demo`."""

@@ -1,0 +1,1 @@
+"""Running on devices: the profiler, the runtime, metrics and reproduce."""

@@ -1,0 +1,1 @@
+"""Presentation: bokeh plots, ipywidgets views, HTML reports, notebook display and glue."""
