@@ -93,16 +93,16 @@ def test_evaluator_names_every_broken_rule():
 def test_infeasible_names_shortfall_and_cli_exits_2(tmp_path):
     tb, pr = hand_case()
     big = Profile("hand", "float32", tuple(Unit(u.name, 2**30, 1, 0) for u in pr.units), pr.devices)
-    with pytest.raises(InfeasibleError, match=r"needs 3\.0 GiB .* the 2 usable devices hold 2\.0 GiB"):
+    with pytest.raises(InfeasibleError, match=r"needs 3\.00 GiB .* the 2 usable devices hold 2\.00 GiB"):
         planner.solve(tb, big)
     (tmp_path / "tb.toml").write_text(TB)
     big.save(tmp_path / "p.json")
     r = subprocess.run([sys.executable, "-m", "edgeshard", "plan", str(tmp_path / "tb.toml"), str(tmp_path / "p.json")],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and "needs 3.0 GiB" in r.stderr, r.stderr
+    assert r.returncode == 2 and "needs 3.00 GiB" in r.stderr, r.stderr
     one = Profile("hand", "float32", (Unit("embedding", 2 * 2**30, 1, 0),), {"s": DeviceCosts((0.1,), (0.1,)),
                                                                           "c": DeviceCosts((0.1,), (0.1,))})
-    with pytest.raises(InfeasibleError, match="unit 0 .* needs 2.0 GiB"):
+    with pytest.raises(InfeasibleError, match="unit 0 .* needs 2.00 GiB"):
         planner.solve(tb, one)
     with pytest.raises(InfeasibleError, match="max_stages = 1"):
         planner.solve(tb.with_constraints(require=("c",), max_stages=1), pr)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeshard.config import paths
 from edgeshard.config.errors import ConfigError, EdgeshardError
+from edgeshard.config.units import size_text
 
 DEBUG_ENV = "EDGESHARD_DEBUG"  # set to 1: errors keep their traceback (for bug reports)
 
@@ -69,10 +70,6 @@ def _workload(args, testbed=None, plan=None):
         raise ConfigError(where, str(e)) from None
 
 
-def _fmt_gib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
-
-
 def summary(plan, testbed=None) -> str:
     """Human summary of a plan: stages with time and memory, totals, and why devices were left out."""
     p = plan.predicted
@@ -83,7 +80,7 @@ def summary(plan, testbed=None) -> str:
         return "\n".join(lines)
     lines.append(f"  {'#':>2} {'device':<14} {'units':>10} {'decode ms':>10} {'prefill ms':>11} {'memory':>20} {'hop ms':>8}")
     for i, s in enumerate(p["stages"]):
-        mem = f"{_fmt_gib(s['memory_bytes'])}/{_fmt_gib(s['memory_limit_bytes'])}"
+        mem = f"{size_text(s['memory_bytes'])}/{size_text(s['memory_limit_bytes'])}"
         hop = f"{s['hop_s'] * 1000:.3f}" if "hop_s" in s else "-"
         units = f"[{s['start']}, {s['stop']})"
         lines.append(f"  {i:>2} {s['device']:<14} {units:>10} {s['decode_s'] * 1000:>10.3f} "

@@ -16,9 +16,7 @@ from pathlib import Path
 import tomllib
 
 from edgeshard.config.errors import ConfigError
-
-GIB = 2**30
-MBIT_S = 1e6 / 8  # bytes per second in one Mbit/s
+from edgeshard.config.units import GIB, MBIT_S  # noqa: F401 (re-exported: callers import them from here)
 
 TOP_KEYS = {"name", "source", "cloud", "token_file", "defaults", "constraints", "device", "link", "description",
             "shared_cores"}
@@ -148,6 +146,11 @@ class Testbed:
 
     def with_constraints(self, **changes) -> "Testbed":
         return self.replace(constraints=dataclasses.replace(self.constraints, **changes))
+
+
+def as_testbed(testbed_or_path) -> Testbed:
+    """A Testbed as given, or loaded from its TOML path (the one place that accepts either)."""
+    return testbed_or_path if isinstance(testbed_or_path, Testbed) else load(testbed_or_path)
 
 
 def load(path: str | Path) -> Testbed:

@@ -28,6 +28,8 @@ import stat
 import time
 from pathlib import Path
 
+from edgeshard.config import paths
+
 CLIENT_HELLO = b"ESHELO1\n"
 SERVER_HELLO = b"ESAUTH1\n"
 NONCE_BYTES = 32
@@ -43,9 +45,7 @@ class AuthError(ConnectionError):
 
 
 def default_token_path() -> Path:
-    home = os.environ.get("EDGESHARD_HOME")
-    base = Path(home) if home else Path.home() / ".cache" / "edgeshard"
-    return base / "token"
+    return paths.home() / "token"
 
 
 def create_token_file(path: str | Path) -> Path:

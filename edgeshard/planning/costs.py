@@ -36,6 +36,7 @@ from edgeshard.config.errors import PlanError
 from edgeshard.config.plan import Stage
 from edgeshard.config.profile import Profile, check_against
 from edgeshard.config.testbed import Testbed
+from edgeshard.config.units import size_text
 
 OBJECTIVES = ("latency", "e2e", "throughput")
 TOKEN_ID_BYTES = 8  # the sampled token id returned to the source (int64)
@@ -203,8 +204,8 @@ class CostModel:
             for s in stages:
                 need, have = self.memory(s.start, s.stop), self.memory_limit[s.device]
                 if need > have:
-                    out.append(f"stage {s.device}[{s.start}, {s.stop}) needs {need / 2**30:.2f} GiB, "
-                               f"{s.device} holds {have / 2**30:.2f} GiB")
+                    out.append(f"stage {s.device}[{s.start}, {s.stop}) needs {size_text(need)}, "
+                               f"{s.device} holds {size_text(have)}")
         return out
 
     def evaluate(self, stages, workload: Workload = Workload(), check: bool = True) -> dict:

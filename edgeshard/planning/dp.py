@@ -47,7 +47,8 @@ import numpy as np
 from edgeshard.config.errors import InfeasibleError
 from edgeshard.config.plan import Plan, Stage
 from edgeshard.config.profile import Profile
-from edgeshard.config.testbed import GIB, Testbed
+from edgeshard.config.testbed import Testbed
+from edgeshard.config.units import size_text
 from edgeshard.planning.costs import OBJECTIVES, CostModel, Workload, objective_value
 
 INF = float("inf")
@@ -302,11 +303,6 @@ def _reconstruct(t: _Tables, m: int, s: int, parents, cm: CostModel) -> list[Sta
     return stages
 
 
-def size(b: float) -> str:
-    """Bytes for people: GiB from 1 GiB up, else MiB (so small models do not read "0.0 GiB")."""
-    return f"{b / GIB:.1f} GiB" if b >= GIB else f"{b / 2**20:.1f} MiB"
-
-
 def _shortfall(cm: CostModel) -> str:
     N = cm.n_units
     need = cm.memory(0, N)
@@ -314,24 +310,24 @@ def _shortfall(cm: CostModel) -> str:
     have = sum(limits.values())
     n = len(limits)
     if need > have:
-        return (f"the model needs {size(need)} (weights + KV cache for "
+        return (f"the model needs {size_text(need)} (weights + KV cache for "
                 f"{cm.testbed.constraints.context_tokens} tokens x {cm.testbed.constraints.sequences} sequences), "
-                f"the {n} usable device{'s' if n != 1 else ''} hold {size(have)}: add devices, lower "
+                f"the {n} usable device{'s' if n != 1 else ''} hold {size_text(have)}: add devices, lower "
                 f"context_tokens/sequences/memory_headroom, or use a smaller dtype")
     biggest = max(limits.values())
     for u in range(N):
         if cm.unit_memory[u] > biggest:
-            return (f"unit {u} ({cm.profile.units[u].name}) needs {size(cm.unit_memory[u])}, the largest "
-                    f"usable device holds {size(biggest)}")
+            return (f"unit {u} ({cm.profile.units[u].name}) needs {size_text(cm.unit_memory[u])}, the largest "
+                    f"usable device holds {size_text(biggest)}")
     if cm.unit_memory[0] > cm.memory_limit[cm.source]:
-        return (f"unit 0 must run on the source {cm.source!r}, which holds {size(cm.memory_limit[cm.source])}; "
-                f"it needs {size(cm.unit_memory[0])}")
+        return (f"unit 0 must run on the source {cm.source!r}, which holds {size_text(cm.memory_limit[cm.source])}; "
+                f"it needs {size_text(cm.unit_memory[0])}")
     ms = cm.testbed.constraints.max_stages
     if ms is not None:
         top = sorted(limits.values(), reverse=True)[:ms]
         if need > sum(top):
-            return (f"with max_stages = {ms} the {ms} largest devices hold {size(sum(top))}, the model needs "
-                    f"{size(need)}: raise max_stages")
+            return (f"with max_stages = {ms} the {ms} largest devices hold {size_text(sum(top))}, the model needs "
+                    f"{size_text(need)}: raise max_stages")
     return (f"no split of the {N} units into contiguous stages fits the devices' memory under the constraints "
             f"(require={list(cm.testbed.constraints.require)}, max_stages={ms}); relax them or add memory")
 

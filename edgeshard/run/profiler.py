@@ -40,7 +40,14 @@ from edgeshard.config import catalog, paths
 from edgeshard.config import testbed as tbm
 from edgeshard.config.profile import DeviceCosts, Link, Profile
 from edgeshard.device import wire
-from edgeshard.run.runtime import _address, _boot_id, _token_file, _version, environment, shaping_for
+from edgeshard.run.runtime import (
+    _address,
+    _boot_id,
+    _token_file,
+    _version,
+    environment,
+    shaping_for,
+)
 
 SCHEME = 3  # bump when what a measurement means changes (2: CPU units = CPU time x slowdown, model.unit_timings;
 #            3: + step_overhead_s per device)
@@ -53,8 +60,7 @@ _CODE_FILES = ("device/model.py", "run/profiler.py", "device/service.py", "devic
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("EDGESHARD_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "edgeshard") / "profiles"
+    return paths.home() / "profiles"
 
 
 def code_version() -> str:
@@ -163,7 +169,7 @@ def profile(testbed, model: str, state: dict | None, dtype: str = "float32", con
     from edgeshard.device import auth
     from edgeshard.device.client import DeviceClient
 
-    tb = testbed if isinstance(testbed, tbm.Testbed) else tbm.load(testbed)
+    tb = tbm.as_testbed(testbed)
     dtype = catalog.canonical_dtype(dtype)
     spec = _spec(model)
     units = spec.units(dtype)

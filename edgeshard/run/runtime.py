@@ -90,7 +90,7 @@ def check_plan(tb: tbm.Testbed, plan: planm.Plan, model: str) -> None:
 
 
 def _load_inputs(testbed, plan) -> tuple[tbm.Testbed, planm.Plan]:
-    tb = testbed if isinstance(testbed, tbm.Testbed) else tbm.load(testbed)
+    tb = tbm.as_testbed(testbed)
     pl = plan if isinstance(plan, planm.Plan) else planm.load(plan)
     return tb, pl
 

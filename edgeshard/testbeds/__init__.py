@@ -23,7 +23,7 @@ class TestbedError(EdgeshardError):
 
 
 def _load(testbed) -> tbm.Testbed:
-    return testbed if isinstance(testbed, tbm.Testbed) else tbm.load(testbed)
+    return tbm.as_testbed(testbed)
 
 
 def mode_available() -> tuple[bool, str]:

@@ -33,8 +33,7 @@ _children: dict[int, subprocess.Popen] = {}  # processes this Python process sta
 
 
 def default_state_dir() -> Path:
-    home = os.environ.get("EDGESHARD_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "edgeshard") / "testbeds"
+    return paths.home() / "testbeds"
 
 
 def state_path(name: str, state_dir: str | Path | None = None) -> Path:
@@ -61,7 +60,7 @@ def find_state(testbed, state_dir: str | Path | None = None) -> dict | None:
 
 
 def _as_testbed(testbed) -> tbm.Testbed:
-    return testbed if isinstance(testbed, tbm.Testbed) else tbm.load(testbed)
+    return tbm.as_testbed(testbed)
 
 
 def pid_alive(pid: int, token_file: str | None = None) -> bool:
