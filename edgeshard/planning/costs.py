@@ -173,33 +173,12 @@ class CostModel:
 
     # --- plans --------------------------------------------------------------------------------------
     def violations(self, stages: list[Stage] | tuple[Stage, ...], check_memory: bool = True) -> list[str]:
-        """Every rule the plan breaks, in words; empty when valid."""
-        out = []
-        c = self.testbed.constraints
+        """Every rule the plan breaks, in words; empty when valid: structure_violations (what any device run
+        needs), constraint_violations (the testbed's [constraints]), then, when both pass, memory per stage."""
         if not stages:
             return ["the plan has no stages"]
-        if stages[0].device != self.source:
-            out.append(f"the first stage runs on {stages[0].device!r}, not on the source {self.source!r}")
-        pos = 0
-        for s in stages:
-            if s.start != pos or s.stop <= s.start:
-                out.append(f"stage {s.device}[{s.start}, {s.stop}) does not continue at unit {pos}")
-            pos = s.stop
-        if pos != self.n_units:
-            out.append(f"the stages end at unit {pos}, the model has {self.n_units}")
-        names = [s.device for s in stages]
-        for d in sorted({n for n in names if names.count(n) > 1}):
-            out.append(f"device {d!r} holds more than one stage")
-        for d in names:
-            if d not in self.testbed.names:
-                out.append(f"device {d!r} is not in testbed {self.testbed.name!r}")
-            elif d in c.exclude:
-                out.append(f"device {d!r} is excluded by the constraints")
-        for d in c.require:
-            if d not in names:
-                out.append(f"required device {d!r} is not used")
-        if c.max_stages is not None and len(stages) > c.max_stages:
-            out.append(f"{len(stages)} stages exceed max_stages = {c.max_stages}")
+        out = structure_violations(self.testbed, stages, self.n_units)
+        out += constraint_violations(self.testbed, stages)
         if check_memory and not out:
             for s in stages:
                 need, have = self.memory(s.start, s.stop), self.memory_limit[s.device]
@@ -281,6 +260,48 @@ class CostModel:
         if shared:
             out["shared_cores"] = shared
         return out
+
+
+# --- plan rules: the one rule set (CostModel.violations, the planner, the baselines and run/runtime.check_plan) ---
+def structure_violations(testbed: Testbed, stages, n_units: int) -> list[str]:
+    """The rules every executable plan obeys, in words (empty when it does): stages that are contiguous and cover
+    units [0, n_units), the first on the source, each device in the testbed and holding one stage at most.
+    Needs no profile: the runtime checks them with n_units of the model it runs (run/runtime.check_plan)."""
+    if not stages:
+        return ["the plan has no stages"]
+    out = []
+    if stages[0].device != testbed.source:
+        out.append(f"the first stage runs on {stages[0].device!r}, not on the source {testbed.source!r} "
+                   f"(the source holds the prompt and the embedding: start the plan there)")
+    pos = 0
+    for s in stages:
+        if s.start != pos or s.stop <= s.start:
+            out.append(f"stage {s.device}[{s.start}, {s.stop}) does not continue at unit {pos} "
+                       f"(each stage starts where the previous one stopped and holds at least one unit)")
+        pos = s.stop
+    if pos != n_units:
+        out.append(f"the stages end at unit {pos}, the model has {n_units} units (the last stage stops at {n_units})")
+    names = [s.device for s in stages]
+    for d in sorted({n for n in names if names.count(n) > 1}):
+        out.append(f"device {d!r} holds more than one stage (one shard per device: merge them)")
+    for d in dict.fromkeys(names):
+        if d not in testbed.names:
+            out.append(f"device {d!r} is not in testbed {testbed.name!r} (devices: {', '.join(testbed.names)})")
+    return out
+
+
+def constraint_violations(testbed: Testbed, stages) -> list[str]:
+    """The testbed's [constraints] (exclude, require, max_stages) a plan breaks, in words. The planner searches
+    under them; the runtime does not enforce them (a hand-made plan may use any device that is up)."""
+    c = testbed.constraints
+    names = [s.device for s in stages]
+    out = [f"device {d!r} is excluded by the constraints (drop it from the plan or from [constraints] exclude)"
+           for d in dict.fromkeys(names) if d in testbed.names and d in c.exclude]
+    out += [f"required device {d!r} is not used (give it a stage or drop it from [constraints] require)"
+            for d in c.require if d not in names]
+    if c.max_stages is not None and len(stages) > c.max_stages:
+        out.append(f"{len(stages)} stages exceed max_stages = {c.max_stages}")
+    return out
 
 
 def names_in_words(names) -> str:

@@ -40,14 +40,11 @@ from edgeshard.config import catalog, paths
 from edgeshard.config import testbed as tbm
 from edgeshard.config.profile import DeviceCosts, Link, Profile
 from edgeshard.device import wire
-from edgeshard.run.runtime import (
-    _address,
-    _boot_id,
-    _token_file,
-    _version,
-    environment,
-    shaping_for,
-)
+from edgeshard.run.deploy import address as _address
+from edgeshard.run.deploy import boot_id as _boot_id
+from edgeshard.run.deploy import shaping_for
+from edgeshard.run.deploy import token_file as _token_file
+from edgeshard.run.folder import _version, environment
 
 SCHEME = 3  # bump when what a measurement means changes (2: CPU units = CPU time x slowdown, model.unit_timings;
 #            3: + step_overhead_s per device)

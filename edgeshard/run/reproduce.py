@@ -1,8 +1,9 @@
 """`edgeshard reproduce RUN_DIR`: re-run an experiment from its run folder alone and compare with the record.
 
-Reads testbed.toml, plan.json and parameters.json of the folder, brings the testbed up locally if asked and not
-up, runs the same prompts with the same model, mode, dtype, seed and sampling, and prints measured vs recorded:
-token ids (must match for greedy decoding), per-token latency p50/p95 and tokens/s.
+Reads testbed.toml, plan.json and parameters.json (run/parameters.RunConfig) of the folder, brings the testbed up
+locally if asked and not up, runs every recorded setting again (model, prompts, mode, max_in_flight, dtype, seed,
+sampling, chat, debug_logits) into <run_dir>-reproduced, and prints measured vs recorded: token ids (must match
+for greedy decoding), per-token latency p50/p95 and tokens/s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from edgeshard.config import plan as planm
 from edgeshard.config import testbed as tbm
 from edgeshard.config.errors import ConfigError
+from edgeshard.run.parameters import RunConfig
 
 
 def _read(run_dir: Path, name: str):
@@ -50,7 +52,7 @@ def main(run_dir, local: bool = False, state_dir=None) -> int:
     run_dir = Path(run_dir)
     tb = tbm.load(_read(run_dir, "testbed.toml"))
     plan = planm.load(_read(run_dir, "plan.json"))
-    params = json.loads(_read(run_dir, "parameters.json").read_text())
+    config = RunConfig.load(_read(run_dir, "parameters.json")).for_reproduction()
     recorded = json.loads(_read(run_dir, "summary.json").read_text())
     state = testbeds.find_state(tb, state_dir)
     started = False
@@ -61,17 +63,15 @@ def main(run_dir, local: bool = False, state_dir=None) -> int:
         state = testbeds.up(tb, local=True, state_dir=state_dir)
         started = True
     try:
-        res = runtime.run(tb, plan, params["model"], params["prompts"], params["max_new_tokens"], mode=params["mode"],
-                          state=state, dtype=params.get("dtype", "float32"), temperature=params.get("temperature", 0.0),
-                          top_p=params.get("top_p", 1.0), seed=params.get("seed", 0), chat=params.get("chat", False),
-                          run_dir=run_dir.parent / (run_dir.name + "-reproduced"))
+        res = runtime.Run.from_config(tb, plan, config, state=state,
+                                      run_dir=run_dir.parent / (run_dir.name + "-reproduced")).run_sync()
     finally:
         if started:
             testbeds.down(tb.name, state_dir)
     measured = dict(res["summary"])
     measured["results"] = res["results"]
     lines, same = compare_runs(recorded, measured)
-    print(f"reproducing {run_dir} ({params['model']}, {params['mode']}, seed {params.get('seed')})")
+    print(f"reproducing {run_dir} ({config.model}, {config.mode}, seed {config.seed})")
     print("\n".join(lines))
     print(f"new run folder: {res['run_dir']}")
     return 0 if same else 1  # greedy and seeded sampling are both deterministic
