@@ -7,24 +7,35 @@ Every device of a Testbed becomes
   /24 chosen per testbed, so the controller (root namespace) reaches every device directly;
 * in the SENDER's namespace, an htb root qdisc with one class per destination device (rate = ceil = the
   configured bandwidth of that ordered pair) and a u32 filter on the destination address: a full matrix,
-  A->B and A->C may differ (NOTES: "per-pair bandwidth ... an htb root with one class per destination"), and
-  under each class a tbf at the same rate that splits GSO super-packets (see _shape);
+  A->B and A->C may differ, and under each class a tbf at the same rate that splits GSO super-packets (see
+  _shape);
 * latency: netem under each class where the kernel has it, else recorded as "app" (the data plane delays in
-  the application). This machine's kernel has no netem (NOTES: "Specified qdisc kind is unknown");
+  the application; docs/emulation.md: this machine's kernel has no netem);
 * a cgroup per device (v1 ``cpu`` + ``memory`` hierarchies, or v2 ``cpu.max``/``memory.max``): a CFS quota of
   ``cpu_share`` of one core and a hard memory limit of ``memory_bytes + RUNTIME_ALLOWANCE_BYTES`` (see there:
   memory_gib is what a plan may use for weights + KV cache, the allowance is the device server's own memory;
   an allocation beyond the limit is OOM-killed inside the group, not elsewhere on the machine);
 * a throttled device (cpu_share < 1) pinned to one CPU together with an idle-policy spinner in its CPU cgroup
-  (IDLE_BALLAST): a CFS quota alone lets an idle device run its next few ms at full speed, the ballast keeps it
-  in the steady state a profile measures (at the cost of keeping sum(cpu_share) of the machine busy while up);
-* the device server ``serve_argv(device, address, port)`` started inside both, ``OMP_NUM_THREADS=1``.
+  (IDLE_BALLAST, edgeshard/testbeds/ballast.py): a CFS quota alone lets an idle device run its next few ms at
+  full speed, the ballast keeps it in the steady state a profile measures (at the cost of keeping
+  sum(cpu_share) of the machine busy while up);
+* the device server ``serve_argv(device, address, port)`` started inside both through
+  edgeshard/testbeds/trampoline.py, ``OMP_NUM_THREADS=1``.
+
+All of that is decided first, without I/O or root, by ``plan_emulation(testbed, ...)``: an EmulationPlan (frozen
+dataclasses: names, addresses, routes, htb classes, cgroups, CPUs) that tests/test_emulated_plan.py checks
+directly. ``up`` then applies it one phase at a time (_up_network, _up_shaping, _up_cgroups, _up_ballast,
+_up_servers, _up_wait).
 
 When a device dies, ``device_failure(state, device)`` says why if the kernel knows (its cgroup's OOM kills).
 
 State lives in ``state_dir/<testbed name>.json``, written as resources are created, so a controller that
 crashes half way leaves enough for ``down`` to clean up. ``down`` also finds leftovers by prefix (namespaces,
 root-namespace links, cgroups, processes inside those namespaces or cgroups) when the state file is gone.
+
+Code that runs as a separate process lives in its own file next to this one, each saying why: probe.py (can this
+kernel do it), trampoline.py (enter a device, exec), ballast.py, and the measuring helpers sink.py, source.py,
+spin.py, steps.py.
 
 Traffic only ever flows on the per-testbed bridge between addresses inside namespaces created here.
 """
@@ -44,19 +55,29 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from edgeshard.config.errors import EdgeshardError
 from edgeshard.config.testbed import MBIT_S, Testbed
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` and pyroute2 bind-mount named namespaces
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-CLONE_NEWNET = 0x40000000  # setns/unshare flag, spelled out in the probe and trampoline scripts below
 
+# The separate processes, run as `python -I [-S] <file> args` (-I: neither the script's directory nor the user's
+# site on sys.path; -S where site-packages are not needed, for a cheap start-up).
+_HERE = Path(__file__).resolve().parent
+PROBE_PY = _HERE / "probe.py"
+TRAMPOLINE_PY = _HERE / "trampoline.py"
+BALLAST_PY = _HERE / "ballast.py"
+SINK_PY = _HERE / "sink.py"
+SOURCE_PY = _HERE / "source.py"
+SPIN_PY = _HERE / "spin.py"
+STEPS_PY = _HERE / "steps.py"
 # CFS bandwidth period. The period is the granularity of throttling: a device at share s runs s*P at full speed,
-# then sleeps (1-s)*P. NOTES measured the quota at P = 100 ms (25 % -> 4.2x, 50 % -> 2.16x the time of a long
-# loop), fine for long loops but not for the ~45 ms token steps of a small model (NOTES: SmolLM2 on this CPU).
+# then sleeps (1-s)*P. Measured at P = 100 ms, the quota gave (25 % -> 4.2x, 50 % -> 2.16x the time of a long
+# loop), fine for long loops but not for the ~45 ms token steps of a small model (SmolLM2 on this CPU).
 # Measured here (bench/emulate_accuracy.py's method; slowdown = wall / CPU time; ideal 4.00 and 2.00):
 #   P = 100 ms: long run 4.18 / 1.89; one 45 ms step after a 20 ms idle gap 3.89 / 1.67, min 2.22 / 1.00
 #               (a step that fits into the quota left runs at full speed)
@@ -128,41 +149,11 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-_PROBE = r"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.unshare(0x40000000) != 0:
-    sys.exit("cannot create a network namespace: " + os.strerror(ctypes.get_errno()))
-from pyroute2 import IPRoute
-ipr = IPRoute()
-step = "veth"
-try:
-    ipr.link("add", ifname="esp0", kind="veth", peer="esp1")
-    step = "bridge"
-    ipr.link("add", ifname="espbr", kind="bridge")
-    br = ipr.link_lookup(ifname="espbr")[0]
-    v0 = ipr.link_lookup(ifname="esp0")[0]
-    ipr.link("set", index=v0, master=br, state="up")
-    step = "htb"
-    ipr.tc("add", "htb", index=v0, handle=0x10000, default=0)
-    ipr.tc("add-class", "htb", index=v0, handle=0x10010, parent=0x10000, rate=125000, ceil=125000)
-    step = "tbf"
-    ipr.tc("add", "tbf", index=v0, handle=0x1000000, parent=0x10010, rate=125000, burst=1725, limit=262144)
-    step = "u32"
-    ipr.tc("add-filter", "u32", index=v0, parent=0x10000, prio=1, protocol=0x0800, target=0x10010,
-           keys=["0x0a000001/0xffffffff+16"])
-    if sys.argv[1:] == ["netem"]:
-        step = "netem"
-        ipr.tc("add", "netem", index=v0, handle=0x200000, parent=0x1000001, delay=1000)
-except Exception as e:
-    sys.exit(step + ": " + str(e))
-"""
-
-
 def _probe(what: str = "") -> str:
-    """Run the probe in a throwaway (anonymous) network namespace: nothing to clean up. '' = works."""
+    """Run edgeshard/testbeds/probe.py (in a throwaway, anonymous network namespace: nothing to clean up).
+    '' = works, else why not."""
     try:
-        r = subprocess.run([sys.executable, "-c", _PROBE, *([what] if what else [])], capture_output=True,
+        r = subprocess.run([sys.executable, "-I", str(PROBE_PY), *([what] if what else [])], capture_output=True,
                            text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"probe failed: {e}"
@@ -170,8 +161,6 @@ def _probe(what: str = "") -> str:
         return ""
     lines = (r.stderr or r.stdout).strip().splitlines()
     return lines[-1] if lines else f"probe exited with {r.returncode}"
-
-
 _probe_cache: dict[str, str] = {}
 
 
@@ -216,6 +205,8 @@ def available() -> tuple[bool, str]:
 def netem_available() -> bool:
     """Whether the kernel has the netem qdisc (probed in a throwaway namespace; absent on this machine)."""
     return _is_root() and _probe_cached("netem") == ""
+
+
 
 
 # --------------------------------------------------------------------------------------------- names, state
@@ -342,8 +333,8 @@ def _cgroup_label(mode: str, group: str) -> str:
 
 
 def _cfs(cpu_share: float | None) -> tuple[int, int] | None:
-    """(quota, period) in microseconds, or None for unthrottled: None or >= 1 core. NOTES: a quota equal to its
-    period still slowed a loop ~10% through throttling, so full-core devices get no quota at all."""
+    """(quota, period) in microseconds, or None for unthrottled: None or >= 1 core. A quota equal to its
+    period still slowed a loop ~10% through throttling (measured), so full-core devices get no quota at all."""
     if cpu_share is None or cpu_share >= 1:
         return None
     if cpu_share <= 0:
@@ -372,18 +363,17 @@ def assign_cpus(shares: dict[str, float | None], cpus: list[int] | None = None) 
     return out
 
 
-def _make_cgroup(mode: str, group: str, cpu_share: float | None, memory_bytes: int) -> list[Path]:
-    """memory_bytes: the hard limit itself (memory_limit_bytes(...) of the device)."""
-    dirs = _cgroup_dirs(mode, group)
-    cfs = _cfs(cpu_share)
-    quota, period = cfs if cfs else (None, CFS_PERIOD_US)
+def _make_cgroup(mode: str, cg: CgroupPlan) -> None:
+    """Create the cgroup's dirs and write its CPU quota/period, weight and hard memory limit."""
+    dirs = [Path(d) for d in cg.dirs]
+    quota, period, memory_bytes = cg.quota_us, cg.period_us, cg.memory_limit_bytes
     if mode == "v1":
         cpu, mem = dirs
         cpu.mkdir()
         (cpu / "cpu.cfs_period_us").write_text(str(period))
         (cpu / "cpu.cfs_quota_us").write_text(str(quota if quota is not None else -1))
         if quota is not None:
-            (cpu / "cpu.shares").write_text(str(1024 * THROTTLED_WEIGHT_FACTOR))
+            (cpu / "cpu.shares").write_text(str(1024 * cg.weight_factor))
         mem.mkdir()
         (mem / "memory.limit_in_bytes").write_text(str(memory_bytes))
         # With swap accounting, memory+swap gets the same bound, so swap cannot stretch the limit.
@@ -399,11 +389,10 @@ def _make_cgroup(mode: str, group: str, cpu_share: float | None, memory_bytes: i
         d.mkdir()
         (d / "cpu.max").write_text(f"{quota if quota is not None else 'max'} {period}")
         if quota is not None:
-            (d / "cpu.weight").write_text(str(100 * THROTTLED_WEIGHT_FACTOR))
+            (d / "cpu.weight").write_text(str(100 * cg.weight_factor))
         (d / "memory.max").write_text(str(memory_bytes))
         if (d / "memory.swap.max").exists():
             (d / "memory.swap.max").write_text("0")
-    return dirs
 
 
 def _prefix_cgroups(prefix: str) -> list[Path]:
@@ -437,27 +426,6 @@ def _iproute(netns: str | None = None):
         return IPRoute()
     # flags=0: never create the namespace as a side effect (pyroute2's default is O_CREAT)
     return IPRoute(netns=netns, flags=0)
-
-
-def _choose_subnet(prefix: str) -> ipaddress.IPv4Network:
-    """A /24 inside SUBNET_POOL that no route or address of the root namespace overlaps; start from a hash of
-    the prefix so the same testbed usually gets the same addresses."""
-    used = []
-    with _iproute() as ipr:
-        for r in ipr.route("dump", family=socket.AF_INET):  # every table (get_routes(table=0) matches none)
-            dst, plen = r.get_attr("RTA_DST"), r["dst_len"]
-            if dst and plen:
-                used.append(ipaddress.ip_network(f"{dst}/{plen}", strict=False))
-        for a in ipr.get_addr(family=socket.AF_INET):
-            used.append(ipaddress.ip_network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False))
-    subnets = 1 << (24 - SUBNET_POOL.prefixlen)
-    start = int(hashlib.sha1(prefix.encode()).hexdigest(), 16) % subnets
-    for k in range(subnets):
-        base = int(SUBNET_POOL.network_address) + ((start + k) % subnets) * 256
-        net = ipaddress.ip_network(f"{ipaddress.ip_address(base)}/24")
-        if not any(net.overlaps(u) for u in used):
-            return net
-    raise EmulationError(f"no free /24 left in {SUBNET_POOL} for the testbed bridge")
 
 
 def _is_auto(host: str) -> bool:
@@ -506,10 +474,10 @@ def _burst_bytes(rate: float) -> int:
     return int(rate / 1000 + MTU_BYTES)
 
 
-def _shape(ns: str, dests: list[tuple[str, float, float]], netem: bool) -> None:
-    """htb on the namespace's eth0: one class per destination (address, bytes/s, latency s) with rate = ceil and
-    a u32 filter on the destination address. Unclassified traffic (ARP, the controller at the bridge address)
-    goes through htb's direct queue unshaped (default class 0).
+def _shape(ns: str, classes: Sequence[ShapedClass]) -> None:
+    """htb on the namespace's eth0: one class per destination with rate = ceil and a u32 filter on the
+    destination address (plan_emulation computes the numbers). Unclassified traffic (ARP, the controller at the
+    bridge address) goes through htb's direct queue unshaped (default class 0).
 
     Each class gets a tbf leaf at the same rate, for one thing htb lacks: tbf splits a GSO super-packet longer
     than its burst into frames, htb does not. Without it TCP hands htb 64 KB skbs; htb lets one through
@@ -520,94 +488,250 @@ def _shape(ns: str, dests: list[tuple[str, float, float]], netem: bool) -> None:
     and GSO survives where the rate is high (burst >= 64 KB from ~500 Mbit/s)."""
     with _iproute(ns) as ipr:
         idx = ipr.link_lookup(ifname="eth0")[0]
-        ipr.tc("add", "htb", index=idx, handle=0x10000, default=0)
-        for j, (addr, rate, latency) in enumerate(dests):
-            classid = 0x10000 | (0x10 + j)
-            rate = max(1, int(round(rate)))
-            # quantum only matters when classes share a parent's spare rate (they never do here); set it so the
-            # kernel does not warn that rate/r2q is out of range.
-            quantum = int(min(200_000, max(1_600, rate // 10)))
-            ipr.tc("add-class", "htb", index=idx, handle=classid, parent=0x10000, rate=rate, ceil=rate,
-                   quantum=quantum, burst=_burst_bytes(rate), cburst=_burst_bytes(rate))
-            leaf = classid
-            if rate < 1 << 32:  # pyroute2 passes tbf's rate as 32 bits (no TCA_TBF_RATE64): 34 Gbit/s and up
-                tbf = (0x100 + j) << 16
-                ipr.tc("add", "tbf", index=idx, handle=tbf, parent=classid, rate=rate, burst=_burst_bytes(rate),
-                       limit=max(256 * 1024, int(rate * TBF_LIMIT_S)))
-                leaf = tbf | 1
-            if netem and latency > 0:
-                ipr.tc("add", "netem", index=idx, handle=(0x1000 + j) << 16, parent=leaf,
-                       delay=int(round(latency * 1e6)))
-            ipr.tc("add-filter", "u32", index=idx, parent=0x10000, prio=1, protocol=0x0800, target=classid,
-                   keys=[_ip_key(addr)])
+        ipr.tc("add", "htb", index=idx, handle=HTB_ROOT, default=0)
+        for c in classes:
+            ipr.tc("add-class", "htb", index=idx, handle=c.classid, parent=HTB_ROOT, rate=c.rate_bytes_s,
+                   ceil=c.rate_bytes_s, quantum=c.quantum, burst=c.burst_bytes, cburst=c.burst_bytes)
+            if c.tbf_handle is not None:
+                ipr.tc("add", "tbf", index=idx, handle=c.tbf_handle, parent=c.classid, rate=c.rate_bytes_s,
+                       burst=c.burst_bytes, limit=c.tbf_limit_bytes)
+            if c.netem_handle is not None:
+                ipr.tc("add", "netem", index=idx, handle=c.netem_handle, parent=c.leaf, delay=c.delay_us)
+            ipr.tc("add-filter", "u32", index=idx, parent=HTB_ROOT, prio=1, protocol=0x0800, target=c.classid,
+                   keys=[c.u32_key])
+
+
+# --------------------------------------------------------------------------------------------- the plan
+#
+# plan_emulation(testbed, ...) -> EmulationPlan: everything `up` will create, decided without I/O or root. What
+# depends on the machine (cgroup mode, netem, the CPUs this process may use, the networks the root namespace
+# already routes) comes in as arguments; up() reads those, then applies the plan phase by phase.
+
+HTB_ROOT = 0x10000  # htb root qdisc 1:
+
+
+@dataclass(frozen=True)
+class ShapedClass:
+    """One destination on the sender's eth0: htb class 1:<0x10 + j> (rate = ceil), under it a tbf leaf
+    (<0x100 + j>:, same rate) unless the rate needs 64 bits, under that netem (<0x1000 + j>:) when the kernel has it
+    and the link has latency; a u32 filter on the destination address sends the traffic there."""
+
+    dst: str
+    address: str  # the destination's IPv4 address, what the filter matches
+    classid: int  # 0x10010 = 1:10 for the first destination
+    rate_bytes_s: int  # rate = ceil; at least 1
+    burst_bytes: int  # htb burst/cburst and the tbf burst: 1 ms of the rate plus one frame
+    quantum: int  # htb quantum (irrelevant: classes never borrow; set so the kernel does not warn)
+    tbf_handle: int | None  # None above 2**32 - 1 bytes/s (pyroute2 has no TCA_TBF_RATE64)
+    tbf_limit_bytes: int  # the tbf queue: TBF_LIMIT_S of the rate, at least 256 KiB
+    netem_handle: int | None  # None without netem or without latency ("app" latency: the data plane delays)
+    delay_us: int  # the link's latency
+    u32_key: str  # "0x0a800a03/0xffffffff+16": the destination address at offset 16 of the IP header
+
+    @property
+    def leaf(self) -> int:
+        """Where netem hangs: the tbf's class (<tbf>:1), else the htb class."""
+        return self.tbf_handle | 1 if self.tbf_handle is not None else self.classid
+
+
+@dataclass(frozen=True)
+class CgroupPlan:
+    """A device's cgroup: v1 two dirs (cpu, memory), v2 one; quota None = unthrottled (period unused then)."""
+
+    group: str  # the directory name, = the namespace name
+    label: str  # "cpu,memory:/<group>" (v1) or "/<group>" (v2), as /proc/<pid>/cgroup spells it
+    dirs: tuple[str, ...]  # the CPU controller's dir first (the ballast joins only that one)
+    quota_us: int | None
+    period_us: int
+    weight_factor: int  # THROTTLED_WEIGHT_FACTOR for a throttled group, else 1 (the default weight is kept)
+    memory_limit_bytes: int  # memory_bytes + allowance: the hard limit, swap included
+
+    @property
+    def quota_period_us(self) -> tuple[int, int] | None:
+        return None if self.quota_us is None else (self.quota_us, self.period_us)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    name: str
+    namespace: str  # <prefix><safe device name>; also the cgroup's name
+    veth: str  # <prefix>v<i> in the root namespace, on the bridge; its peer is eth0 in the namespace
+    address: str
+    prefixlen: int  # 24 inside the bridge's /24, 32 for a configured address outside it
+    bridge_route: bool  # address outside the /24: the root namespace gets a host route to it via the bridge
+    routes: tuple[str, ...]  # on-link /32 routes on eth0: the bridge and peers outside this device's /24
+    port: int
+    cpu_share: float | None
+    memory_gib: float
+    memory_allowance_bytes: int
+    cgroup: CgroupPlan
+    cpu: int | None  # the one CPU a throttled device (and its ballast) is pinned to; None: anywhere
+    classes: tuple[ShapedClass, ...]  # one per other device, in testbed order
+
+    @property
+    def ballast(self) -> bool:
+        return self.cpu is not None
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """One ordered pair, as the state file records it."""
+
+    src: str
+    dst: str
+    bandwidth_mbit_s: float
+    latency_ms: float
+    latency_by: str  # "netem" or "app"
+
+
+@dataclass(frozen=True)
+class EmulationPlan:
+    name: str
+    prefix: str
+    bridge: str
+    subnet: str  # "10.168.206.0/24"
+    bridge_address: str  # the subnet's first address, the controller's side
+    cgroup_mode: str  # "v1" or "v2"
+    netem: bool
+    devices: tuple[DevicePlan, ...]
+    links: tuple[LinkPlan, ...]  # every ordered pair, src-major in testbed order
+
+    def device(self, name: str) -> DevicePlan:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def state(self, state_dir: Path, stale_removed: Sequence[str] = ()) -> dict:
+        """The state file's dict before anything exists: pids, cgroup_dirs and ballast_pid are filled in by the
+        phases that create them (edgeshard/testbeds/__init__.py, the profiler and the runtime read these keys)."""
+        return {
+            "mode": "emulated", "name": self.name, "prefix": self.prefix, "bridge": self.bridge,
+            "subnet": self.subnet, "bridge_address": self.bridge_address, "cgroup_mode": self.cgroup_mode,
+            "stale_removed": list(stale_removed),
+            "devices": {d.name: {
+                "address": d.address, "port": d.port, "pid": None, "cpu_share": d.cpu_share,
+                "memory_gib": d.memory_gib, "memory_limit_bytes": d.cgroup.memory_limit_bytes,
+                "memory_allowance_bytes": d.memory_allowance_bytes, "namespace": d.namespace,
+                "cgroup": d.cgroup.label, "healthy": None, "veth": d.veth, "cgroup_dirs": [],
+                "log": str(Path(state_dir) / f"{d.name}.log"),
+                "cfs_quota_period_us": list(d.cgroup.quota_period_us) if d.cgroup.quota_period_us else None,
+                "cpu": d.cpu, "ballast_pid": None,
+            } for d in self.devices},
+            "links": [{"src": lk.src, "dst": lk.dst, "bandwidth_mbit_s": lk.bandwidth_mbit_s,
+                       "latency_ms": lk.latency_ms, "bandwidth_by": "htb", "latency_by": lk.latency_by}
+                      for lk in self.links],
+        }
+
+
+def pick_subnet(prefix: str, used: Iterable[ipaddress.IPv4Network] = ()) -> ipaddress.IPv4Network:
+    """A /24 inside SUBNET_POOL that overlaps none of `used` (the root namespace's routes and addresses, see
+    _used_networks); start from a hash of the prefix so the same testbed usually gets the same addresses."""
+    used = list(used)
+    subnets = 1 << (24 - SUBNET_POOL.prefixlen)
+    start = int(hashlib.sha1(prefix.encode()).hexdigest(), 16) % subnets
+    for k in range(subnets):
+        base = int(SUBNET_POOL.network_address) + ((start + k) % subnets) * 256
+        net = ipaddress.ip_network(f"{ipaddress.ip_address(base)}/24")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise EmulationError(f"no free /24 left in {SUBNET_POOL} for the testbed bridge")
+
+
+def _shaped_class(j: int, dst: str, address: str, rate_bytes_s: float, latency_s: float,
+                  netem: bool) -> ShapedClass:
+    rate = max(1, int(round(rate_bytes_s)))
+    burst = _burst_bytes(rate)
+    return ShapedClass(
+        dst=dst, address=address, classid=HTB_ROOT | (0x10 + j), rate_bytes_s=rate, burst_bytes=burst,
+        quantum=int(min(200_000, max(1_600, rate // 10))),
+        tbf_handle=(0x100 + j) << 16 if rate < 1 << 32 else None,
+        tbf_limit_bytes=max(256 * 1024, int(rate * TBF_LIMIT_S)),
+        netem_handle=(0x1000 + j) << 16 if netem and latency_s > 0 else None,
+        delay_us=int(round(latency_s * 1e6)), u32_key=_ip_key(address))
+
+
+def _cgroup_plan(mode: str, group: str, cpu_share: float | None, memory_limit: int) -> CgroupPlan:
+    cfs = _cfs(cpu_share)
+    quota, period = cfs if cfs else (None, CFS_PERIOD_US)
+    return CgroupPlan(group=group, label=_cgroup_label(mode, group),
+                      dirs=tuple(str(p) for p in _cgroup_dirs(mode, group)), quota_us=quota, period_us=period,
+                      weight_factor=THROTTLED_WEIGHT_FACTOR if quota is not None else 1,
+                      memory_limit_bytes=memory_limit)
+
+
+def plan_emulation(testbed: Testbed, *, prefix: str | None = None, cgroup_mode: str = "v1", netem: bool = False,
+                   cpus: Sequence[int] = (0,), used_networks: Iterable[ipaddress.IPv4Network] = (),
+                   memory_allowance_bytes: int = RUNTIME_ALLOWANCE_BYTES,
+                   idle_ballast: bool = IDLE_BALLAST) -> EmulationPlan:
+    """What `up` creates for this testbed (pure: no I/O, no root). Raises EmulationError for a testbed the
+    emulator cannot build (too many devices, a bad prefix, colliding names or addresses, cpu_share <= 0).
+
+    cgroup_mode: "v1" or "v2" (_cgroup_mode()); netem: whether the kernel has it (netem_available());
+    cpus: the CPUs throttled devices may be pinned to (up passes this process's affinity); used_networks: what
+    the root namespace already routes (the bridge's /24 avoids them); memory_allowance_bytes, idle_ballast: see
+    up()."""
+    if memory_allowance_bytes < 0:
+        raise EmulationError(f"memory_allowance_bytes = {memory_allowance_bytes} must not be negative")
+    if len(testbed.devices) > MAX_DEVICES:
+        raise EmulationError(f"{len(testbed.devices)} devices: the emulator supports at most {MAX_DEVICES}")
+    if cgroup_mode not in ("v1", "v2"):
+        raise EmulationError(f"cgroup mode {cgroup_mode!r}: expected 'v1' or 'v2'")
+    prefix = prefix or default_prefix(testbed.name)
+    _check_prefix(prefix)
+    names = {d.name: _safe(d.name) for d in testbed.devices}
+    if len(set(names.values())) != len(names):
+        raise EmulationError("device names collide once made safe for namespace names: "
+                             f"{sorted(names)}; rename them")
+    subnet = pick_subnet(prefix, used_networks)
+    bridge_addr = str(next(subnet.hosts()))
+    addrs = _addresses(testbed, subnet)
+    shares = {d.name: d.cpu_share for d in testbed.devices}
+    for n, share in shares.items():
+        if share is not None and share <= 0:
+            raise EmulationError(f"device {n!r}: cpu_share = {share} must be greater than zero")
+    pinned = assign_cpus(shares, list(cpus)) if idle_ballast else {n: None for n in shares}
+
+    def inside(a: str) -> bool:
+        return ipaddress.ip_address(a) in subnet
+
+    devices = []
+    for i, d in enumerate(testbed.devices):
+        own = addrs[d.name]
+        # peers (and the bridge address) outside this device's connected /24: on-link host routes; all
+        # namespaces share one L2 segment, so ARP resolves them
+        routes = tuple(p for p in [bridge_addr] + [addrs[o.name] for o in testbed.devices]
+                       if p != own and not (inside(own) and inside(p)))
+        classes = tuple(_shaped_class(j, o.name, addrs[o.name], testbed.link(d.name, o.name).bandwidth_bytes_s,
+                                      testbed.link(d.name, o.name).latency_s, netem)
+                        for j, o in enumerate(x for x in testbed.devices if x.name != d.name))
+        group = prefix + names[d.name]
+        devices.append(DevicePlan(
+            name=d.name, namespace=group, veth=f"{prefix}v{i}", address=own, prefixlen=24 if inside(own) else 32,
+            bridge_route=not inside(own), routes=routes, port=d.port or DEFAULT_PORT, cpu_share=d.cpu_share,
+            memory_gib=d.memory_gib, memory_allowance_bytes=int(memory_allowance_bytes),
+            cgroup=_cgroup_plan(cgroup_mode, group, d.cpu_share,
+                                memory_limit_bytes(d.memory_bytes, memory_allowance_bytes)),
+            cpu=pinned[d.name], classes=classes))
+    links = tuple(LinkPlan(a.name, b.name, testbed.link(a.name, b.name).bandwidth_bytes_s / MBIT_S,
+                           testbed.link(a.name, b.name).latency_s * 1000, "netem" if netem else "app")
+                  for a in testbed.devices for b in testbed.devices if a.name != b.name)
+    return EmulationPlan(name=testbed.name, prefix=prefix, bridge=prefix + "br", subnet=str(subnet),
+                         bridge_address=bridge_addr, cgroup_mode=cgroup_mode, netem=netem,
+                         devices=tuple(devices), links=links)
 
 
 # --------------------------------------------------------------------------------------------- exec
-
-# Runs as: python -I -S -c _TRAMPOLINE <netns path> <cpus> <cgroup dir>... -- argv...
-# Joins the cgroups, pins itself to <cpus> ("0,1"; "-" = leave the affinity alone), then the network namespace,
-# then execs argv in place (same pid, so Popen.returncode is argv's own: -9 for an OOM kill). Threads and children
-# inherit the affinity. Python rather than `ip netns exec`/nsenter: no dependency on util-linux, and no remount of
-# /sys (which `ip netns exec` needs and some containers refuse).
-_TRAMPOLINE = r"""
-import ctypes, os, sys
-a = sys.argv[1:]
-sep = a.index("--")
-ns, cpus, cgroups, argv = a[0], a[1], a[2:sep], a[sep + 1:]
-try:
-    for d in cgroups:
-        with open(os.path.join(d, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-    if cpus != "-":
-        os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
-    fd = os.open(ns, os.O_RDONLY)
-except OSError as e:
-    sys.exit("edgeshard: cannot join the device (is the testbed up?): %s" % e)
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.setns(fd, 0x40000000) != 0:
-    sys.exit("edgeshard: cannot enter network namespace %s: %s" % (ns, os.strerror(ctypes.get_errno())))
-os.close(fd)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-try:
-    os.execvp(argv[0], argv)
-except OSError as e:
-    sys.exit("edgeshard: cannot run %r: %s" % (argv[0], e.strerror))
-"""
-
-# The idle ballast of a throttled device (see IDLE_BALLAST): python -I -S -c _BALLAST <cpu> <cpu cgroup dir>.
-# Joins the device's CPU cgroup only (v1: its few MB are not charged to the device's memory; v2 has one
-# group), pins itself to the device's CPU, drops to SCHED_IDLE and spins. SCHED_IDLE: on that CPU any thread of
-# the device server preempts it at once (a waking normal task always preempts an idle-policy one) and takes what
-# is left of the quota.
-_BALLAST = r"""
-import os, sys, time
-try:
-    with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
-    os.sched_setaffinity(0, [int(sys.argv[1])])
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-except OSError as e:
-    sys.exit("edgeshard: idle ballast: %s" % e)
-# Spin in 0.2 ms slices with a sched_yield between them: every yield runs the scheduler's accounting, so the
-# group is throttled within 0.2 ms of its quota running out instead of at the next tick (4 ms at HZ=250), and
-# leaves no debt that would stretch its next off-time.
-t = time.perf_counter
-while True:
-    end = t() + 0.0002
-    while t() < end:
-        pass
-    os.sched_yield()
-"""
-
 
 def _cpus_arg(cpu) -> str:
     return "-" if cpu is None else str(int(cpu))
 
 
 def _argv_for(namespace: str, cgroup_dirs: list[str], argv: list[str], cpu: int | None = None) -> list[str]:
+    """Through edgeshard/testbeds/trampoline.py: join the cgroups, pin to cpu, enter the namespace, exec argv."""
     if not argv:
         raise EmulationError("nothing to run: give a command")
-    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(NETNS_DIR / namespace), _cpus_arg(cpu),
+    return [sys.executable, "-I", "-S", str(TRAMPOLINE_PY), str(NETNS_DIR / namespace), _cpus_arg(cpu),
             *map(str, cgroup_dirs), "--", *map(str, argv)]
 
 
@@ -643,6 +767,41 @@ def _public(state: dict) -> dict:
     return json.loads(json.dumps(state))
 
 
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the root namespace routes (all tables) or has an address in."""
+    used = []
+    with _iproute() as ipr:
+        for r in ipr.route("dump", family=socket.AF_INET):  # every table (get_routes(table=0) matches none)
+            dst, plen = r.get_attr("RTA_DST"), r["dst_len"]
+            if dst and plen:
+                used.append(ipaddress.ip_network(f"{dst}/{plen}", strict=False))
+        for a in ipr.get_addr(family=socket.AF_INET):
+            used.append(ipaddress.ip_network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False))
+    return used
+
+
+def _machine_plan(testbed: Testbed, prefix: str | None, memory_allowance_bytes: int, idle_ballast: bool,
+                  used_networks: Iterable[ipaddress.IPv4Network] = ()) -> EmulationPlan:
+    """plan_emulation with what this machine says (cgroup mode, netem, this process's CPUs)."""
+    return plan_emulation(testbed, prefix=prefix, cgroup_mode=_cgroup_mode() or "v1", netem=netem_available(),
+                          cpus=sorted(os.sched_getaffinity(0)), used_networks=used_networks,
+                          memory_allowance_bytes=memory_allowance_bytes, idle_ballast=idle_ballast)
+
+
+class _Record:
+    """The state dict being built and its file: a phase records what it created and saves at once, so a
+    controller killed at any point leaves enough for `down`."""
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+
+    def dev(self, name: str) -> dict:
+        return self.state["devices"][name]
+
+    def save(self) -> None:
+        _write_state(self.path, self.state)
+
+
 def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state_dir: Path,
        prefix: str | None = None, memory_allowance_bytes: int = RUNTIME_ALLOWANCE_BYTES,
        idle_ballast: bool = IDLE_BALLAST) -> dict:
@@ -651,132 +810,36 @@ def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state
     memory_allowance_bytes: added to every device's memory_bytes for its cgroup limit (RUNTIME_ALLOWANCE_BYTES;
     0 for processes that are not device servers). Each device's state records "memory_limit_bytes".
     idle_ballast: pin each throttled device to a CPU with an idle spinner that keeps its quota in the steady
-    state (IDLE_BALLAST); the state records "cpu" and "ballast_pid" per device."""
-    if memory_allowance_bytes < 0:
-        raise EmulationError(f"memory_allowance_bytes = {memory_allowance_bytes} must not be negative")
+    state (IDLE_BALLAST); the state records "cpu" and "ballast_pid" per device.
+
+    The plan (plan_emulation) is made first, so a testbed the emulator cannot build fails before anything is
+    touched; then the phases apply it in order: network, shaping, cgroups, ballast, servers, wait."""
     ok, reason = available()
     if not ok:
         raise EmulationError(reason)
-    if len(testbed.devices) > MAX_DEVICES:
-        raise EmulationError(f"{len(testbed.devices)} devices: the emulator supports at most {MAX_DEVICES}")
     state_dir = Path(state_dir)
+    _machine_plan(testbed, prefix, memory_allowance_bytes, idle_ballast)  # validates; addresses come later
     prefix = prefix or default_prefix(testbed.name)
-    _check_prefix(prefix)
     for other in sorted(state_dir.glob("*.json")):
         o = _read_state(other.stem, state_dir)
         if o and o.get("prefix") == prefix and o.get("name", other.stem) != testbed.name:
             raise EmulationError(f"prefix {prefix!r} is in use by testbed {other.stem!r} in {state_dir}: pass "
                                  "another prefix")
-    # Stale state of this testbed (a crashed controller) and anything else carrying the prefix goes first.
+    # Stale state of this testbed (a crashed controller) and anything else carrying the prefix goes first, so
+    # its bridge's /24 counts as free again.
     stale = down(testbed.name, state_dir)
     stale += _cleanup(prefix, None)
-
-    mode = _cgroup_mode()
-    netem = netem_available()
-    subnet = _choose_subnet(prefix)
-    bridge_addr = str(next(subnet.hosts()))
-    addrs = _addresses(testbed, subnet)
-    names = {d.name: _safe(d.name) for d in testbed.devices}
-    cpus = assign_cpus({d.name: d.cpu_share for d in testbed.devices}) if idle_ballast else \
-        {d.name: None for d in testbed.devices}
-    if len(set(names.values())) != len(names):
-        raise EmulationError("device names collide once made safe for namespace names: "
-                             f"{sorted(names)}; rename them")
-    path = _state_path(testbed.name, state_dir)
-    state: dict = {
-        "mode": "emulated", "name": testbed.name, "prefix": prefix, "bridge": prefix + "br",
-        "subnet": str(subnet), "bridge_address": bridge_addr, "cgroup_mode": mode,
-        "stale_removed": stale,
-        "devices": {}, "links": [],
-    }
-    for i, d in enumerate(testbed.devices):
-        state["devices"][d.name] = {
-            "address": addrs[d.name], "port": d.port or DEFAULT_PORT, "pid": None, "cpu_share": d.cpu_share,
-            "memory_gib": d.memory_gib, "memory_limit_bytes": memory_limit_bytes(d.memory_bytes,
-                                                                                  memory_allowance_bytes),
-            "memory_allowance_bytes": int(memory_allowance_bytes), "namespace": prefix + names[d.name],
-            "cgroup": _cgroup_label(mode, prefix + names[d.name]), "healthy": None,
-            "veth": f"{prefix}v{i}", "cgroup_dirs": [], "log": str(state_dir / f"{d.name}.log"),
-            "cfs_quota_period_us": _cfs(d.cpu_share), "cpu": cpus[d.name], "ballast_pid": None,
-        }
-    for a in testbed.devices:
-        for b in testbed.devices:
-            if a.name != b.name:
-                lk = testbed.link(a.name, b.name)
-                state["links"].append({
-                    "src": a.name, "dst": b.name, "bandwidth_mbit_s": lk.bandwidth_bytes_s / MBIT_S,
-                    "latency_ms": lk.latency_s * 1000, "bandwidth_by": "htb",
-                    "latency_by": "netem" if netem else "app"})
-    _write_state(path, state)  # from here on, `down` can undo whatever exists
-
-    from pyroute2 import netns as pnetns
+    plan = _machine_plan(testbed, prefix, memory_allowance_bytes, idle_ballast, _used_networks())
+    rec = _Record(_state_path(testbed.name, state_dir), plan.state(state_dir, stale))
+    rec.save()  # from here on, `down` can undo whatever exists
     try:
-        with _iproute() as ipr:
-            ipr.link("add", ifname=state["bridge"], kind="bridge")
-            br = ipr.link_lookup(ifname=state["bridge"])[0]
-            ipr.addr("add", index=br, address=bridge_addr, prefixlen=24)
-            ipr.link("set", index=br, state="up")
-            for d in testbed.devices:
-                dev = state["devices"][d.name]
-                pnetns.create(dev["namespace"])
-                # The peer is created directly inside the namespace, so it can be called eth0 there.
-                ipr.link("add", ifname=dev["veth"], kind="veth",
-                         peer={"ifname": "eth0", "net_ns_fd": dev["namespace"]})
-                v = ipr.link_lookup(ifname=dev["veth"])[0]
-                ipr.link("set", index=v, master=br, state="up")
-                _write_state(path, state)
-                if not ipaddress.ip_address(dev["address"]) in subnet:
-                    # a configured address outside the bridge's /24: the controller reaches it by a host route
-                    ipr.route("add", dst=dev["address"], dst_len=32, oif=br, scope=253)
-        for d in testbed.devices:
-            dev = state["devices"][d.name]
-            with _iproute(dev["namespace"]) as ipr:
-                lo = ipr.link_lookup(ifname="lo")[0]
-                ipr.link("set", index=lo, state="up")
-                eth = ipr.link_lookup(ifname="eth0")[0]
-                own = ipaddress.ip_address(dev["address"])
-                ipr.addr("add", index=eth, address=dev["address"], prefixlen=24 if own in subnet else 32)
-                ipr.link("set", index=eth, state="up")
-                # peers (and the bridge address) outside this device's connected /24: on-link host routes, all
-                # namespaces share one L2 segment so ARP resolves them
-                for peer in [bridge_addr] + [state["devices"][o.name]["address"] for o in testbed.devices]:
-                    if peer != dev["address"] and not (own in subnet and ipaddress.ip_address(peer) in subnet):
-                        ipr.route("add", dst=peer, dst_len=32, oif=eth, scope=253)
-            dests = [(state["devices"][o.name]["address"], testbed.link(d.name, o.name).bandwidth_bytes_s,
-                      testbed.link(d.name, o.name).latency_s) for o in testbed.devices if o.name != d.name]
-            _shape(dev["namespace"], dests, netem)
-        for d in testbed.devices:
-            dev = state["devices"][d.name]
-            group = dev["namespace"]
-            dev["cgroup_dirs"] = [str(p) for p in _cgroup_dirs(mode, group)]
-            _write_state(path, state)
-            _make_cgroup(mode, group, d.cpu_share, dev["memory_limit_bytes"])
+        _up_network(plan, rec)
+        _up_shaping(plan)
+        _up_cgroups(plan, rec)
         state_dir.mkdir(parents=True, exist_ok=True)
-        for d in testbed.devices:
-            dev = state["devices"][d.name]
-            if dev["cpu"] is None:
-                continue
-            b = subprocess.Popen([sys.executable, "-I", "-S", "-c", _BALLAST, str(dev["cpu"]), dev["cgroup_dirs"][0]],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-            _children[b.pid] = b
-            dev["ballast_pid"] = b.pid
-            _write_state(path, state)
-        for d in testbed.devices:
-            dev = state["devices"][d.name]
-            argv = serve_argv(d.name, dev["address"], dev["port"])
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            with open(dev["log"], "ab") as log:
-                # own session: Ctrl-C on the controller does not reach the servers; `down` stops them
-                p = subprocess.Popen(_argv_for(dev["namespace"], dev["cgroup_dirs"], argv, dev["cpu"]),
-                                     stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            _children[p.pid] = p
-            dev["pid"] = p.pid
-            _write_state(path, state)
-        for d in testbed.devices:
-            _wait_joined(state["devices"][d.name], d.name)
-            _wait_ballast(state["devices"][d.name], d.name)
+        _up_ballast(plan, rec)
+        _up_servers(plan, rec, serve_argv)
+        _up_wait(plan, rec)
     except Exception as e:
         # Undo what exists (the state file says what that is); a controller killed here leaves the same state
         # file for `edgeshard testbed down`.
@@ -786,7 +849,84 @@ def up(testbed: Testbed, serve_argv: Callable[[str, str, int], list[str]], state
             raise
         raise EmulationError(f"testbed {testbed.name!r}: setting up the emulation failed ({type(e).__name__}: "
                              f"{e}); what had been created was removed") from e
-    return _public(state)
+    return _public(rec.state)
+
+
+def _up_network(plan: EmulationPlan, rec: _Record) -> None:
+    """The bridge (with the controller's address), then per device: namespace, veth pair (the peer created
+    directly inside the namespace, so it can be called eth0 there), its address and routes."""
+    from pyroute2 import netns as pnetns
+    with _iproute() as ipr:
+        ipr.link("add", ifname=plan.bridge, kind="bridge")
+        br = ipr.link_lookup(ifname=plan.bridge)[0]
+        ipr.addr("add", index=br, address=plan.bridge_address, prefixlen=24)
+        ipr.link("set", index=br, state="up")
+        for d in plan.devices:
+            pnetns.create(d.namespace)
+            ipr.link("add", ifname=d.veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": d.namespace})
+            v = ipr.link_lookup(ifname=d.veth)[0]
+            ipr.link("set", index=v, master=br, state="up")
+            rec.save()
+            if d.bridge_route:  # a configured address outside the bridge's /24: reach it by a host route
+                ipr.route("add", dst=d.address, dst_len=32, oif=br, scope=253)
+    for d in plan.devices:
+        with _iproute(d.namespace) as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth, address=d.address, prefixlen=d.prefixlen)
+            ipr.link("set", index=eth, state="up")
+            for peer in d.routes:
+                ipr.route("add", dst=peer, dst_len=32, oif=eth, scope=253)
+
+
+def _up_shaping(plan: EmulationPlan) -> None:
+    """Per sender, its htb classes (nothing to record: the qdiscs go with the veth)."""
+    for d in plan.devices:
+        _shape(d.namespace, d.classes)
+
+
+def _up_cgroups(plan: EmulationPlan, rec: _Record) -> None:
+    """Per device its cgroup dirs, recorded before they are made."""
+    for d in plan.devices:
+        rec.dev(d.name)["cgroup_dirs"] = list(d.cgroup.dirs)
+        rec.save()
+        _make_cgroup(plan.cgroup_mode, d.cgroup)
+
+
+def _up_ballast(plan: EmulationPlan, rec: _Record) -> None:
+    """An edgeshard/testbeds/ballast.py per pinned device, in its CPU cgroup on its CPU."""
+    for d in plan.devices:
+        if not d.ballast:
+            continue
+        b = subprocess.Popen([sys.executable, "-I", "-S", str(BALLAST_PY), str(d.cpu), d.cgroup.dirs[0]],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        _children[b.pid] = b
+        rec.dev(d.name)["ballast_pid"] = b.pid
+        rec.save()
+
+
+def _up_servers(plan: EmulationPlan, rec: _Record, serve_argv: Callable[[str, str, int], list[str]]) -> None:
+    """serve_argv(device, address, port) per device, through the trampoline, logging to the state's "log"."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for d in plan.devices:
+        dev = rec.dev(d.name)
+        argv = _argv_for(d.namespace, list(d.cgroup.dirs), serve_argv(d.name, d.address, d.port), d.cpu)
+        with open(dev["log"], "ab") as log:
+            # own session: Ctrl-C on the controller does not reach the servers; `down` stops them
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        _children[p.pid] = p
+        dev["pid"] = p.pid
+        rec.save()
+
+
+def _up_wait(plan: EmulationPlan, rec: _Record) -> None:
+    """Until every server is inside its namespace and every ballast is idle-policy in its cgroup."""
+    for d in plan.devices:
+        _wait_joined(rec.dev(d.name), d.name)
+        _wait_ballast(rec.dev(d.name), d.name)
 
 
 JOIN_TIMEOUT_S = 20.0  # the trampoline is a Python start-up: ~50 ms idle, longer at a small cpu_share
@@ -852,13 +992,13 @@ def _cleanup(prefix: str, state: dict | None) -> list[str]:
         if isinstance(pid, int) and _alive(pid):
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if _TRAMPOLINE.encode() in argv and str(NETNS_DIR / dev.get("namespace", "?")).encode() in argv:
+                if str(TRAMPOLINE_PY).encode() in argv and str(NETNS_DIR / dev.get("namespace", "?")).encode() in argv:
                     pids.add(pid)
         bpid = dev.get("ballast_pid")
         if isinstance(bpid, int) and _alive(bpid) and dev.get("cgroup_dirs"):
             with contextlib.suppress(OSError):  # a ballast that had not joined its cgroup yet
                 argv = Path(f"/proc/{bpid}/cmdline").read_bytes().split(b"\0")
-                if _BALLAST.encode() in argv and str(dev["cgroup_dirs"][0]).encode() in argv:
+                if str(BALLAST_PY).encode() in argv and str(dev["cgroup_dirs"][0]).encode() in argv:
                     pids.add(bpid)
     for p in _kill(pids):
         removed.append(f"process {p}")
@@ -971,39 +1111,13 @@ def device_failure(state: dict | None, device: str) -> str | None:
 
 # --------------------------------------------------------------------------------------------- measuring
 
-_SINK = r"""
-import json, socket, sys, time
-s = socket.socket()
-s.bind((sys.argv[1], 0)); s.listen(1)
-print(s.getsockname()[1], flush=True)
-s.settimeout(float(sys.argv[2]))
-c, _ = s.accept()
-c.settimeout(float(sys.argv[2]))
-first = c.recv(1 << 16)
-t0 = time.perf_counter(); t1 = t0; n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b:
-        break
-    n += len(b); t1 = time.perf_counter()
-print(json.dumps({"bytes": n, "seconds": t1 - t0, "first": len(first)}), flush=True)
-"""
-
-_SOURCE = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
-total = int(sys.argv[3]); chunk = b"x" * (1 << 16); sent = 0
-while sent < total:
-    sent += s.send(chunk[: min(len(chunk), total - sent)])
-s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
-"""
-
+# --------------------------------------------------------------------------------------------- measuring
 
 def measure_goodput(name: str, src: str, dst: str, state_dir: Path, seconds: float = 1.0,
                     rate_mbit_s: float | None = None, timeout_s: float = 30.0) -> float:
-    """TCP goodput src -> dst in Mbit/s (payload bytes, sender in src's namespace, receiver in dst's): about
-    `seconds` worth of bytes at the configured rate, timed at the receiver from the first to the last byte
-    (the first read excluded, it started before the clock)."""
+    """TCP goodput src -> dst in Mbit/s (payload bytes, edgeshard/testbeds/source.py in src's namespace,
+    edgeshard/testbeds/sink.py in dst's): about `seconds` worth of bytes at the configured rate, timed at the
+    receiver from the first to the last byte (the first read excluded, it started before the clock)."""
     state = _read_state(name, state_dir)
     if state is None:
         raise EmulationError(f"testbed {name!r} is not up")
@@ -1011,14 +1125,14 @@ def measure_goodput(name: str, src: str, dst: str, state_dir: Path, seconds: flo
         rate_mbit_s = next(lk["bandwidth_mbit_s"] for lk in state["links"] if (lk["src"], lk["dst"]) == (src, dst))
     total = int(rate_mbit_s * MBIT_S * seconds)
     addr = state["devices"][dst]["address"]
-    sink = run_as(name, dst, state_dir, [sys.executable, "-c", _SINK, addr, str(timeout_s)],
+    sink = run_as(name, dst, state_dir, [sys.executable, "-I", "-S", str(SINK_PY), addr, str(timeout_s)],
                   stdout=subprocess.PIPE, text=True)
     procs = [sink]
     try:
         port = sink.stdout.readline().strip()
         if not port:
             raise EmulationError(f"the receiver in {dst} did not start (exit {sink.wait(timeout_s)})")
-        source = run_as(name, src, state_dir, [sys.executable, "-c", _SOURCE, addr, port, str(total),
+        source = run_as(name, src, state_dir, [sys.executable, "-I", "-S", str(SOURCE_PY), addr, port, str(total),
                                                str(timeout_s)])
         procs.append(source)
         source.wait(timeout_s)
@@ -1032,36 +1146,16 @@ def measure_goodput(name: str, src: str, dst: str, state_dir: Path, seconds: flo
     return r["bytes"] * 8 / r["seconds"] / 1e6
 
 
-_SPIN = r"""
-import json, sys, time
-n = int(sys.argv[1]); t = time.perf_counter(); c = time.process_time()
-x = 0
-for i in range(n):
-    x += i * i
-print(json.dumps({"wall": time.perf_counter() - t, "cpu": time.process_time() - c}), flush=True)
-"""
-
-
-# CPU-bound steps after idle gaps (argv: step CPU seconds, steps, gap seconds): what a device does in sequential
-# mode. Prints the JSON list of each step's slowdown, wall / CPU time (tests/test_emulate.py, bench/emulate_accuracy.py).
-STEP_SCRIPT = r"""
-import json, sys, time
-op, n, gap = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-out = []
-for _ in range(n):
-    time.sleep(gap)
-    t, c = time.perf_counter(), time.process_time()
-    while time.process_time() - c < op:
-        pass
-    out.append((time.perf_counter() - t) / op)
-print(json.dumps(out))
-"""
+# CPU-bound steps after idle gaps, for `python -c` (tests/test_emulate.py, bench/emulate_accuracy.py): the text of
+# edgeshard/testbeds/steps.py (argv: step CPU seconds, steps, gap seconds; prints each step's wall / CPU time).
+STEP_SCRIPT = STEPS_PY.read_text()
 
 
 def measure_compute(name: str, device: str, state_dir: Path, steps: int = 3_000_000,
                     timeout_s: float = 60.0) -> dict:
-    """Run a fixed CPU-bound Python loop as `device`: {"wall": s, "cpu": s} of the loop alone."""
-    p = run_as(name, device, state_dir, [sys.executable, "-c", _SPIN, str(steps)], stdout=subprocess.PIPE,
-               text=True)
+    """Run a fixed CPU-bound Python loop (edgeshard/testbeds/spin.py) as `device`: {"wall": s, "cpu": s} of the
+    loop alone."""
+    p = run_as(name, device, state_dir, [sys.executable, "-I", "-S", str(SPIN_PY), str(steps)],
+               stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate(timeout=timeout_s)
     return json.loads(out.strip().splitlines()[-1])
