@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from edgeshard.cli.main import one_line, print_error
+from edgeshard.config.catalog import DTYPE_ALIASES, DTYPE_BYTES
 from edgeshard.config.errors import ConfigError
 
 
@@ -139,8 +140,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", action="append", required=True, help="repeat for several sequences")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--mode", choices=["sequential", "pipeline"], default="sequential")
-    p.add_argument("--dtype", default="float32")
+    from edgeshard.run.parameters import MODES
+    p.add_argument("--mode", choices=MODES, default="sequential")
+    p.add_argument("--dtype", choices=[*DTYPE_BYTES, *DTYPE_ALIASES], default="float32")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

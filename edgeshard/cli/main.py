@@ -274,6 +274,12 @@ def _main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # `testbed exec TESTBED DEVICE -- CMD ...`: everything after -- is the command
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1:]
+    # choices come from the constants the code checks against, so --help and the checks never disagree
+    from edgeshard.config.catalog import DTYPE_ALIASES, DTYPE_BYTES, MODELS
+    from edgeshard.planning.baselines import STRATEGIES
+    from edgeshard.planning.compare import LINKS, PAPER_MODELS
+    from edgeshard.planning.costs import OBJECTIVES
+    dtypes = [*DTYPE_BYTES, *DTYPE_ALIASES]
     ap = OneLineParser(prog="edgeshard", description="Plan and run LLM shards across edge devices (EdgeShard).",
                        epilog=f"Errors are one line on stderr; {DEBUG_ENV}=1 shows their traceback.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -291,11 +297,11 @@ def _main(argv: list[str] | None = None) -> int:
                                     "a hand-written plan and fills in its predictions")
     p.add_argument("testbed")
     p.add_argument("profile")
-    p.add_argument("--objective", choices=["latency", "e2e", "throughput"], default=None,
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="default latency (--from: the plan's objective)")
-    p.add_argument("--strategy", default=None,
-                   help="edgeshard (exact DP, the default) or a baseline: edge-solo, cloud-edge-even, cloud-edge-opt, "
-                        "even, memory-proportional, greedy-fill")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="edgeshard (exact DP, the default) or a baseline; for your own stages write a plan file and "
+                        "give it with --from")
     p.add_argument("--from", dest="from_plan", metavar="PLAN.json",
                    help="check this plan (e.g. hand-written: only \"stages\") against the testbed and profile and "
                         "fill in its predictions; a plan that breaks a rule is refused with the reason (exit 2)")
@@ -312,10 +318,10 @@ def _main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("compare", help="paper-style table: every strategy per model and cloud bandwidth")
     p.add_argument("testbed", nargs="?", default=str(paths.CONFIGS / "paper-edge.toml"))
-    p.add_argument("--models", nargs="+", default=["llama2-7b", "llama2-13b", "llama2-70b"])
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(PAPER_MODELS))
     p.add_argument("--bandwidths", nargs="+", type=float, default=[1, 10, 50, 100, 500, 1000])
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--links", choices=["source", "all"], default="source",
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--links", choices=LINKS, default="source",
                    help="sweep only the source<->cloud link (default) or every edge<->cloud link")
     workload_flags(p)
     p.add_argument("--json", action="store_true")
@@ -324,7 +330,7 @@ def _main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("profile", help="measure per-unit and per-link costs (or --synthetic from device kinds)")
     p.add_argument("testbed")
     p.add_argument("--model", required=True)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
     p.add_argument("--synthetic", action="store_true", help="from the devices' kinds, without hardware")
     p.add_argument("--context-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=32)

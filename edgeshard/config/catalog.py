@@ -7,7 +7,9 @@ embedding (SmolLM2): when the head runs on another device it needs its own copy.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgeshard.config.errors import ConfigError
 from edgeshard.config.profile import Unit
@@ -92,6 +94,46 @@ MODELS = {
 
 
 def get(name: str) -> ModelSpec:
+    """A catalog model only (synthetic profiles need one); spec() also takes a local Hugging Face folder."""
     if name not in MODELS:
         raise ConfigError("model", f"{name!r} is not in the catalog", f"use one of {', '.join(MODELS)}")
-    return MODELS[name]
+    return spec(name)
+
+
+def spec(model: str) -> ModelSpec:
+    """The one lookup of a model: a catalog name, or a local Hugging Face Llama folder (its config.json, read
+    as plain JSON, so this stays stdlib-only). device/model.py spec_for and run/profiler.py call this."""
+    if model in MODELS:
+        return MODELS[model]
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        raise ConfigError("model", f"{model!r} is neither a known model nor a folder with a config.json",
+                          f"use one of {', '.join(MODELS)} or a local Hugging Face Llama folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(str(path), f"cannot read the model config: {e}", "give a Hugging Face config.json",
+                          file=str(path)) from None
+    return _from_hf_config(cfg, str(path), model)
+
+
+def _from_hf_config(cfg: dict, where: str, name: str) -> ModelSpec:
+    """A ModelSpec from a Hugging Face Llama config.json (keys as transformers' LlamaConfig writes them;
+    rope_theta either top level or, in newer files, under rope_parameters)."""
+    if cfg.get("model_type") != "llama":
+        raise ConfigError(where, f"model_type {cfg.get('model_type')!r} is not supported",
+                          "only Llama-family checkpoints (model_type 'llama') can be sharded", file=where,
+                          key="model_type")
+    heads = cfg["num_attention_heads"]
+    rope = cfg.get("rope_parameters") or {}
+    out = ModelSpec(
+        name=name, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads, intermediate=cfg["intermediate_size"],
+        vocab=cfg["vocab_size"], tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position=cfg.get("max_position_embeddings", 2048), source=where)
+    if cfg.get("head_dim") not in (None, out.head_dim):
+        raise ConfigError(where, f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads",
+                          "the catalog's size model assumes head_dim = hidden / heads", file=where, key="head_dim")
+    return out

@@ -13,11 +13,21 @@ class EdgeshardError(Exception):
 class ConfigError(EdgeshardError, ValueError):
     """A testbed, profile or plan file is malformed.
 
-    `where` is "file: key" (or just a file), `problem` what is wrong, `fix` what to change.
+    The message is "WHERE: PROBLEM (FIX)": `where` is "file: key" (or just a file), `problem` what is wrong,
+    `fix` what to change. The same place as data, for code that points at the field (ui/widgets.py
+    TestbedEditor puts the error next to its widget from these, never from the text):
+      file     the file (or "<editor>", "command line") the value came from
+      section  the table or array of tables: "device", "link", "shared_cores", "defaults", "constraints",
+               "stages"; None for the top level
+      index    position in that array of tables (device[2] -> 2), None for a plain table
+      key      the key the problem is about ("memory_gib", "source", the unknown key), None when it is the
+               whole table
     """
 
-    def __init__(self, where: str, problem: str, fix: str = ""):
+    def __init__(self, where: str, problem: str, fix: str = "", *, file: str | None = None,
+                 section: str | None = None, index: int | None = None, key: str | None = None):
         self.where, self.problem, self.fix = where, problem, fix
+        self.file, self.section, self.index, self.key = file, section, index, key
         msg = f"{where}: {problem}"
         if fix:
             msg += f" ({fix})"

@@ -25,6 +25,12 @@ class Stage:
             raise ValueError(f"stage {self.device}[{self.start}, {self.stop}) is empty or negative")
 
 
+FEASIBLE, OOM, INFEASIBLE = "feasible", "oom", "infeasible"
+STATUSES = (FEASIBLE, OOM, INFEASIBLE)  # oom: stages that would run but do not fit a device's memory;
+# infeasible: no stages at all, or stages that break a rule other than memory (coverage, source, constraints)
+STATUS_SHORT = {FEASIBLE: "ok", OOM: "OOM", INFEASIBLE: "n/a"}  # table cells (ui/report.py, ui/plots.py, compare)
+
+
 @dataclass(frozen=True)
 class Plan:
     objective: str
@@ -36,6 +42,23 @@ class Plan:
     workload: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # why devices were left out, why a baseline failed
     feasible: bool = True  # False: a baseline whose stages do not fit (OOM) or cannot be formed
+    # Why a plan cannot run, as data (plots, report, cli and widgets read these, never the notes' text):
+    # status one of STATUSES (None: derived from feasible, "infeasible" when False); reasons the rules broken,
+    # e.g. ("stage agx[0, 34) needs 25.10 GiB, agx holds 16.00 GiB",); () for a feasible plan.
+    status: str | None = None
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        status = self.status or (FEASIBLE if self.feasible else INFEASIBLE)
+        if status not in STATUSES:
+            raise ValueError(f"plan status {status!r} is not one of {', '.join(STATUSES)}")
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "feasible", status == FEASIBLE)  # one truth: feasible follows the status
+        object.__setattr__(self, "reasons", tuple(self.reasons))
+
+    @property
+    def oom(self) -> bool:
+        return self.status == OOM
 
     def _ipython_display_(self) -> None:  # Jupyter: edgeshard/show.py (bokeh and ipywidgets, imported lazily)
         from edgeshard.ui.show import show
@@ -51,7 +74,8 @@ class Plan:
         return {"objective": self.objective, "strategy": self.strategy, "model": self.model,
                 "testbed": self.testbed, "workload": self.workload, "feasible": self.feasible,
                 "stages": [{"device": s.device, "start": s.start, "stop": s.stop} for s in self.stages],
-                "predicted": self.predicted, "notes": list(self.notes)}
+                "predicted": self.predicted, "notes": list(self.notes), "status": self.status,
+                "reasons": list(self.reasons)}
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
@@ -60,7 +84,8 @@ class Plan:
         Path(path).write_text(self.dumps())
 
 
-PLAN_KEYS = ("objective", "strategy", "model", "testbed", "workload", "feasible", "stages", "predicted", "notes")
+PLAN_KEYS = ("objective", "strategy", "model", "testbed", "workload", "feasible", "stages", "predicted", "notes",
+             "status", "reasons")  # status, reasons: since plan status became data; older files lack them
 STAGE_KEYS = ("device", "start", "stop")
 MANUAL = "manual"  # the strategy of a hand-written plan (a file with only "stages", optionally "objective")
 
@@ -75,24 +100,27 @@ def _objectives() -> tuple[str, ...]:
 
 def _stage(raw, i: int, where: str) -> Stage:
     key = f"{where}: stages[{i}]"
+    at = {"file": where, "section": "stages", "index": i}
     if not isinstance(raw, dict):
         raise ConfigError(key, f"is {json.dumps(raw)}, not an object",
-                          'write each stage as {"device": "NAME", "start": FIRST_UNIT, "stop": ONE_PAST_LAST}')
+                          'write each stage as {"device": "NAME", "start": FIRST_UNIT, "stop": ONE_PAST_LAST}', **at)
     for k in raw:
         if k not in STAGE_KEYS:
-            raise ConfigError(key, f"unknown key {k!r}", f"a stage has only {', '.join(STAGE_KEYS)}")
+            raise ConfigError(key, f"unknown key {k!r}", f"a stage has only {', '.join(STAGE_KEYS)}", key=k, **at)
     for k in STAGE_KEYS:
         if k not in raw:
-            raise ConfigError(key, f"missing required key {k!r}", f"a stage needs {', '.join(STAGE_KEYS)}")
+            raise ConfigError(key, f"missing required key {k!r}", f"a stage needs {', '.join(STAGE_KEYS)}", key=k,
+                              **at)
     if not isinstance(raw["device"], str) or not raw["device"]:
-        raise ConfigError(f"{key}.device", f"{raw['device']!r} is not a device name", "use a device name of the testbed")
+        raise ConfigError(f"{key}.device", f"{raw['device']!r} is not a device name", "use a device name of the testbed",
+                          key="device", **at)
     for k in ("start", "stop"):
         v = raw[k]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{key}.{k}", f"{v!r} is not a unit index", "use a whole number >= 0")
+            raise ConfigError(f"{key}.{k}", f"{v!r} is not a unit index", "use a whole number >= 0", key=k, **at)
     if raw["stop"] <= raw["start"]:
         raise ConfigError(key, f"[{raw['start']}, {raw['stop']}) on {raw['device']!r} is empty",
-                          "stages are half-open unit ranges [start, stop) with start < stop")
+                          "stages are half-open unit ranges [start, stop) with start < stop", key="stop", **at)
     return Stage(raw["device"], raw["start"], raw["stop"])
 
 
@@ -102,29 +130,38 @@ def from_dict(raw: dict, where: str = "<plan>") -> Plan:
     `edgeshard plan TESTBED PROFILE --from PLAN.json` fills them in. Unknown keys are errors."""
     hint = "write plans with `edgeshard plan -o`, or by hand with only \"stages\" (docs/formats.md)"
     if not isinstance(raw, dict):
-        raise ConfigError(where, f"is a JSON {type(raw).__name__}, not an object", hint)
+        raise ConfigError(where, f"is a JSON {type(raw).__name__}, not an object", hint, file=where)
     for k in raw:
         if k not in PLAN_KEYS:
-            raise ConfigError(where, f"unknown key {k!r}", f"a plan has only {', '.join(PLAN_KEYS)}")
+            raise ConfigError(where, f"unknown key {k!r}", f"a plan has only {', '.join(PLAN_KEYS)}", file=where, key=k)
     if "stages" not in raw:
-        raise ConfigError(where, "missing required key 'stages'", hint)
+        raise ConfigError(where, "missing required key 'stages'", hint, file=where, key="stages")
     if not isinstance(raw["stages"], list):
-        raise ConfigError(f"{where}: stages", "is not a list", "write a list of {\"device\", \"start\", \"stop\"} objects")
+        raise ConfigError(f"{where}: stages", "is not a list", "write a list of {\"device\", \"start\", \"stop\"} objects",
+                          file=where, key="stages")
     stages = tuple(_stage(s, i, where) for i, s in enumerate(raw["stages"]))
     objective = raw.get("objective", "latency")
     if objective not in _objectives():
         raise ConfigError(f"{where}: objective", f"{objective!r} is not an objective",
-                          f"use one of {', '.join(_objectives())}")
+                          f"use one of {', '.join(_objectives())}", file=where, key="objective")
     types = {"strategy": str, "model": str, "testbed": str, "workload": dict, "feasible": bool, "predicted": dict,
-             "notes": list}
+             "notes": list, "status": str, "reasons": list}
     for k, t in types.items():
         if k in raw and not isinstance(raw[k], t):
             raise ConfigError(f"{where}: {k}", f"{raw[k]!r} is not a JSON {_JSON_TYPE[t]}",
-                              "fix the value or leave the key out")
+                              "fix the value or leave the key out", file=where, key=k)
+    feasible = raw.get("feasible", True)
+    status = raw.get("status")  # absent in files written before it existed: derived from "feasible"
+    if status is not None and status not in STATUSES:
+        raise ConfigError(f"{where}: status", f"{status!r} is not a plan status", f"use one of {', '.join(STATUSES)}",
+                          file=where, key="status")
+    if status is not None and "feasible" in raw and (status == FEASIBLE) != feasible:
+        raise ConfigError(f"{where}: status", f"{status!r} contradicts feasible = {json.dumps(feasible)}",
+                          "fix one of them or leave status out", file=where, key="status")
     strategy = raw.get("strategy") or MANUAL
     return Plan(objective, strategy, stages, raw.get("predicted", {}), raw.get("model", ""),
                 raw.get("testbed", ""), raw.get("workload", {}), tuple(str(n) for n in raw.get("notes", ())),
-                raw.get("feasible", True))
+                feasible, status, tuple(str(r) for r in raw.get("reasons", ())))
 
 
 def load(path: str | Path) -> Plan:

@@ -113,51 +113,58 @@ def load(path: str | Path) -> Profile:
     return from_dict(raw, str(path))
 
 
-def _unknown(where: str, d: dict, allowed: set[str]) -> None:
+def _unknown(where: str, d: dict, allowed: set[str], **at) -> None:
+    """at: ConfigError's file/section/index (errors.py) of the object checked."""
     extra = sorted(set(d) - allowed)
     if extra:
-        raise ConfigError(where, f"unknown key {extra[0]!r}", f"allowed keys: {', '.join(sorted(allowed))}")
+        raise ConfigError(where, f"unknown key {extra[0]!r}", f"allowed keys: {', '.join(sorted(allowed))}",
+                          key=extra[0], **at)
 
 
-def _nonneg(where: str, key: str, v, positive: bool = False, integer: bool = False):
+def _nonneg(where: str, key: str, v, positive: bool = False, integer: bool = False, **at):
     ok = (int,) if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, ok) or not math.isfinite(v) or v < 0 or (positive and v == 0):
         need = "a positive" if positive else "a non-negative"
         raise ConfigError(where, f"{key} = {v!r} is not {need} {'integer' if integer else 'number'}",
-                          f"set {key} to {need} value")
+                          f"set {key} to {need} value", key=key, **at)
     return v
 
 
 def from_dict(raw: dict, where: str = "<profile>") -> Profile:
+    top = {"file": where}
     if not isinstance(raw, dict):
-        raise ConfigError(where, "top level is not a JSON object", "write a profile object")
-    _unknown(where, raw, TOP_KEYS)
+        raise ConfigError(where, "top level is not a JSON object", "write a profile object", **top)
+    _unknown(where, raw, TOP_KEYS, **top)
     if raw.get("schema") != SCHEMA:
-        raise ConfigError(where, f"schema = {raw.get('schema')!r} is not supported", f"set \"schema\": {SCHEMA}")
+        raise ConfigError(where, f"schema = {raw.get('schema')!r} is not supported", f"set \"schema\": {SCHEMA}",
+                          key="schema", **top)
     for key in ("model", "dtype"):
         if not isinstance(raw.get(key), str) or not raw[key]:
-            raise ConfigError(where, f"missing or empty {key!r}", f"add \"{key}\": \"...\"")
+            raise ConfigError(where, f"missing or empty {key!r}", f"add \"{key}\": \"...\"", key=key, **top)
     units_raw = raw.get("units")
     if not isinstance(units_raw, list) or len(units_raw) < 1:
-        raise ConfigError(where, "\"units\" is missing or empty", "list the model's units (embedding, layers, head)")
+        raise ConfigError(where, "\"units\" is missing or empty", "list the model's units (embedding, layers, head)",
+                          section="units", **top)
     units = []
     for i, u in enumerate(units_raw):
-        w = f"{where}: units[{i}]"
+        w, at = f"{where}: units[{i}]", {"file": where, "section": "units", "index": i}
         if not isinstance(u, dict):
-            raise ConfigError(w, "is not an object", "write {\"name\": ..., \"weight_bytes\": ...}")
-        _unknown(w, u, UNIT_KEYS)
+            raise ConfigError(w, "is not an object", "write {\"name\": ..., \"weight_bytes\": ...}", **at)
+        _unknown(w, u, UNIT_KEYS, **at)
         for key in UNIT_KEYS:
             if key not in u:
-                raise ConfigError(w, f"missing required key {key!r}", f"add \"{key}\"")
+                raise ConfigError(w, f"missing required key {key!r}", f"add \"{key}\"", key=key, **at)
         if not isinstance(u["name"], str):
-            raise ConfigError(w, f"name = {u['name']!r} is not a string", "give the unit a name")
-        units.append(Unit(u["name"], _nonneg(w, "weight_bytes", u["weight_bytes"], integer=True),
-                          _nonneg(w, "activation_bytes_per_token", u["activation_bytes_per_token"], positive=True, integer=True),
-                          _nonneg(w, "kv_bytes_per_token", u["kv_bytes_per_token"], integer=True)))
+            raise ConfigError(w, f"name = {u['name']!r} is not a string", "give the unit a name", key="name", **at)
+        units.append(Unit(u["name"], _nonneg(w, "weight_bytes", u["weight_bytes"], integer=True, **at),
+                          _nonneg(w, "activation_bytes_per_token", u["activation_bytes_per_token"], positive=True,
+                                  integer=True, **at),
+                          _nonneg(w, "kv_bytes_per_token", u["kv_bytes_per_token"], integer=True, **at)))
     n = len(units)
     devs_raw = raw.get("devices")
     if not isinstance(devs_raw, dict) or not devs_raw:
-        raise ConfigError(where, "\"devices\" is missing or empty", "profile at least one device")
+        raise ConfigError(where, "\"devices\" is missing or empty", "profile at least one device",
+                          section="devices", **top)
     devices = {}
     for name, d in devs_raw.items():
         w = f"{where}: devices.{name}"

@@ -158,7 +158,8 @@ def load(path: str | Path) -> Testbed:
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(str(path), f"cannot read testbed file: {e.strerror}", "check the path") from None
+        raise ConfigError(str(path), f"cannot read testbed file: {e.strerror}", "check the path",
+                          file=str(path)) from None
     return loads(text, str(path))
 
 
@@ -166,171 +167,194 @@ def loads(text: str, where: str = "<testbed>") -> Testbed:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(where, f"not valid TOML: {e}", "fix the syntax at the line shown") from None
+        raise ConfigError(where, f"not valid TOML: {e}", "fix the syntax at the line shown", file=where) from None
     return from_dict(raw, where)
 
 
-def _unknown(where: str, table: dict, allowed: set[str], what: str) -> None:
+@dataclass(frozen=True)
+class _Place:
+    """Where a value of the file sits: `where` is the message's text ("file: device 'agx'"), the rest the same
+    place as ConfigError's fields (errors.py), so an editor finds the field without reading the text."""
+
+    where: str
+    file: str
+    section: str | None = None
+    index: int | None = None
+
+    def at(self, where: str | None = None, section: str | None = None, index: int | None = None) -> "_Place":
+        return _Place(self.where if where is None else where, self.file,
+                      self.section if section is None else section, self.index if index is None else index)
+
+    def error(self, problem: str, fix: str = "", key: str | None = None) -> ConfigError:
+        return ConfigError(self.where, problem, fix, file=self.file, section=self.section, index=self.index, key=key)
+
+
+def _unknown(at: _Place, table: dict, allowed: set[str], what: str) -> None:
     extra = sorted(set(table) - allowed)
     if extra:
-        raise ConfigError(where, f"unknown key {extra[0]!r} in {what}",
-                          f"allowed keys: {', '.join(sorted(allowed))}; see docs/formats.md")
+        raise at.error(f"unknown key {extra[0]!r} in {what}",
+                       f"allowed keys: {', '.join(sorted(allowed))}; see docs/formats.md", key=extra[0])
 
 
-def _number(where: str, table: dict, key: str, default=None, *, positive=True, integer=False,
+def _number(at: _Place, table: dict, key: str, default=None, *, positive=True, integer=False,
             minimum: float | None = None, maximum: float | None = None):
     if key not in table:
         if default is None:
-            raise ConfigError(where, f"missing required key {key!r}", f"add {key} = <value>")
+            raise at.error(f"missing required key {key!r}", f"add {key} = <value>", key)
         return default
     value = table[key]
     ok_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types) or (isinstance(value, float) and not math.isfinite(value)):
         kind = "an integer" if integer else "a number"
-        raise ConfigError(where, f"{key} = {value!r} is not {kind}", f"set {key} to {kind}")
+        raise at.error(f"{key} = {value!r} is not {kind}", f"set {key} to {kind}", key)
     if positive and value <= 0:
-        raise ConfigError(where, f"{key} = {value!r} must be greater than zero", f"set a positive {key}")
+        raise at.error(f"{key} = {value!r} must be greater than zero", f"set a positive {key}", key)
     if minimum is not None and value < minimum:
-        raise ConfigError(where, f"{key} = {value!r} is below {minimum}", f"set {key} >= {minimum}")
+        raise at.error(f"{key} = {value!r} is below {minimum}", f"set {key} >= {minimum}", key)
     if maximum is not None and value >= maximum:
-        raise ConfigError(where, f"{key} = {value!r} must be below {maximum}", f"set {key} < {maximum}")
+        raise at.error(f"{key} = {value!r} must be below {maximum}", f"set {key} < {maximum}", key)
     return value
 
 
-def _string(where: str, table: dict, key: str, default: str | None = None, required: bool = True) -> str | None:
+def _string(at: _Place, table: dict, key: str, default: str | None = None, required: bool = True) -> str | None:
     if key not in table:
         if required and default is None:
-            raise ConfigError(where, f"missing required key {key!r}", f"add {key} = \"...\"")
+            raise at.error(f"missing required key {key!r}", f"add {key} = \"...\"", key)
         return default
     value = table[key]
     if not isinstance(value, str) or not value:
-        raise ConfigError(where, f"{key} = {value!r} is not a non-empty string", f"set {key} to a quoted name")
+        raise at.error(f"{key} = {value!r} is not a non-empty string", f"set {key} to a quoted name", key)
     return value
 
 
 def from_dict(raw: dict, where: str = "<testbed>") -> Testbed:
-    _unknown(where, raw, TOP_KEYS, "the top level")
-    name = _string(where, raw, "name")
+    top = _Place(where, where)
+    _unknown(top, raw, TOP_KEYS, "the top level")
+    name = _string(top, raw, "name")
     devices_raw = raw.get("device")
     if not isinstance(devices_raw, list) or not devices_raw:
-        raise ConfigError(where, "no [[device]] tables", "add at least one [[device]] with name and memory_gib")
+        raise top.at(section="device").error("no [[device]] tables",
+                                             "add at least one [[device]] with name and memory_gib")
     devices: list[Device] = []
     for i, d in enumerate(devices_raw):
-        w = f"{where}: device[{i}]"
+        at = top.at(f"{where}: device[{i}]", "device", i)
         if not isinstance(d, dict):
-            raise ConfigError(w, "is not a table", "write it as [[device]]")
-        _unknown(w, d, DEVICE_KEYS, "a [[device]]")
-        dname = _string(w, d, "name")
-        w = f"{where}: device {dname!r}"
+            raise at.error("is not a table", "write it as [[device]]")
+        _unknown(at, d, DEVICE_KEYS, "a [[device]]")
+        dname = _string(at, d, "name")
+        at = at.at(f"{where}: device {dname!r}")  # named from here on; index i still says which table
         if dname in {x.name for x in devices}:
-            raise ConfigError(w, "is defined twice", "give every [[device]] a unique name")
-        host = _string(w, d, "host", "127.0.0.1")
-        port = _number(w, d, "port", 0, positive=False, integer=True, minimum=0)
+            raise at.error("is defined twice", "give every [[device]] a unique name", "name")
+        host = _string(at, d, "host", "127.0.0.1")
+        port = _number(at, d, "port", 0, positive=False, integer=True, minimum=0)
         if port > 65535:
-            raise ConfigError(w, f"port = {port} is not a TCP port", "use 1..65535, or 0 to pick a free one")
-        mem = _number(w, d, "memory_gib")
-        kind = _string(w, d, "kind", required=False)
+            raise at.error(f"port = {port} is not a TCP port", "use 1..65535, or 0 to pick a free one", "port")
+        mem = _number(at, d, "memory_gib")
+        kind = _string(at, d, "kind", required=False)
         share = d.get("cpu_share")
         if share is not None:
-            share = _number(w, d, "cpu_share", maximum=None)
+            share = _number(at, d, "cpu_share", maximum=None)
         devices.append(Device(dname, int(mem * GIB), host, port, kind, share))
     names = {d.name for d in devices}
 
-    def known(w: str, key: str, value) -> str:
+    def known(at: _Place, key: str, value) -> str:
         if not isinstance(value, str) or value not in names:
-            raise ConfigError(w, f"{key} = {value!r} is not a device of this testbed",
-                              f"use one of: {', '.join(sorted(names))}")
+            raise at.error(f"{key} = {value!r} is not a device of this testbed",
+                           f"use one of: {', '.join(sorted(names))}", key)
         return value
 
-    source = known(where, "source", _string(where, raw, "source"))
-    cloud = known(where, "cloud", raw["cloud"]) if "cloud" in raw else None
+    source = known(top, "source", _string(top, raw, "source"))
+    cloud = known(top, "cloud", raw["cloud"]) if "cloud" in raw else None
 
     defaults = raw.get("defaults", {})
     if not isinstance(defaults, dict):
-        raise ConfigError(where, "defaults is not a table", "write it as [defaults]")
-    _unknown(f"{where}: [defaults]", defaults, DEFAULT_KEYS, "[defaults]")
-    dbw = _number(f"{where}: [defaults]", defaults, "bandwidth_mbit_s", 1000)
-    dlat = _number(f"{where}: [defaults]", defaults, "latency_ms", 0.5, positive=False, minimum=0)
+        raise top.at(section="defaults").error("defaults is not a table", "write it as [defaults]")
+    at = top.at(f"{where}: [defaults]", "defaults")
+    _unknown(at, defaults, DEFAULT_KEYS, "[defaults]")
+    dbw = _number(at, defaults, "bandwidth_mbit_s", 1000)
+    dlat = _number(at, defaults, "latency_ms", 0.5, positive=False, minimum=0)
 
     links: dict[tuple[str, str], Link] = {}
     links_raw = raw.get("link", [])
     if not isinstance(links_raw, list):
-        raise ConfigError(where, "link is not an array of tables", "write each link as [[link]]")
+        raise top.at(section="link").error("link is not an array of tables", "write each link as [[link]]")
     for i, lk in enumerate(links_raw):
-        w = f"{where}: link[{i}]"
+        at = top.at(f"{where}: link[{i}]", "link", i)
         if not isinstance(lk, dict):
-            raise ConfigError(w, "is not a table", "write it as [[link]]")
-        _unknown(w, lk, LINK_KEYS, "a [[link]]")
-        src = known(w, "src", _string(w, lk, "src"))
-        dst = known(w, "dst", _string(w, lk, "dst"))
+            raise at.error("is not a table", "write it as [[link]]")
+        _unknown(at, lk, LINK_KEYS, "a [[link]]")
+        src = known(at, "src", _string(at, lk, "src"))
+        dst = known(at, "dst", _string(at, lk, "dst"))
         if src == dst:
-            raise ConfigError(w, f"src and dst are both {src!r}", "a link joins two different devices")
-        bw = _number(w, lk, "bandwidth_mbit_s", dbw)
-        lat = _number(w, lk, "latency_ms", dlat, positive=False, minimum=0)
+            raise at.error(f"src and dst are both {src!r}", "a link joins two different devices", "dst")
+        bw = _number(at, lk, "bandwidth_mbit_s", dbw)
+        lat = _number(at, lk, "latency_ms", dlat, positive=False, minimum=0)
         directed = lk.get("directed", False)
         if not isinstance(directed, bool):
-            raise ConfigError(w, f"directed = {directed!r} is not true/false", "set directed = true or false")
+            raise at.error(f"directed = {directed!r} is not true/false", "set directed = true or false", "directed")
         for a, b in [(src, dst)] if directed else [(src, dst), (dst, src)]:
             links[(a, b)] = Link(a, b, bw * MBIT_S, lat / 1000)
 
     c = raw.get("constraints", {})
-    w = f"{where}: [constraints]"
     if not isinstance(c, dict):
-        raise ConfigError(where, "constraints is not a table", "write it as [constraints]")
-    _unknown(w, c, CONSTRAINT_KEYS, "[constraints]")
+        raise top.at(section="constraints").error("constraints is not a table", "write it as [constraints]")
+    at = top.at(f"{where}: [constraints]", "constraints")
+    _unknown(at, c, CONSTRAINT_KEYS, "[constraints]")
 
     def names_list(key: str) -> tuple[str, ...]:
         value = c.get(key, [])
         if not isinstance(value, list):
-            raise ConfigError(w, f"{key} = {value!r} is not a list", f"write {key} = [\"device\", ...]")
-        return tuple(known(w, key, v) for v in value)
+            raise at.error(f"{key} = {value!r} is not a list", f"write {key} = [\"device\", ...]", key)
+        return tuple(known(at, key, v) for v in value)
 
     exclude, require = names_list("exclude"), names_list("require")
     if source in exclude:
-        raise ConfigError(w, f"exclude names the source {source!r}", "the source holds the prompt and runs unit 0; remove it from exclude")
+        raise at.error(f"exclude names the source {source!r}",
+                       "the source holds the prompt and runs unit 0; remove it from exclude", "exclude")
     both = sorted(set(exclude) & set(require))
     if both:
-        raise ConfigError(w, f"{both[0]!r} is both excluded and required", "remove it from one of the lists")
+        raise at.error(f"{both[0]!r} is both excluded and required", "remove it from one of the lists", "exclude")
     max_stages = c.get("max_stages")
     if max_stages is not None:
-        max_stages = _number(w, c, "max_stages", integer=True)
+        max_stages = _number(at, c, "max_stages", integer=True)
     constraints = Constraints(
-        context_tokens=_number(w, c, "context_tokens", 1024, integer=True),
-        sequences=_number(w, c, "sequences", 1, integer=True),
-        memory_headroom=_number(w, c, "memory_headroom", 0.0, positive=False, minimum=0, maximum=1),
+        context_tokens=_number(at, c, "context_tokens", 1024, integer=True),
+        sequences=_number(at, c, "sequences", 1, integer=True),
+        memory_headroom=_number(at, c, "memory_headroom", 0.0, positive=False, minimum=0, maximum=1),
         exclude=exclude, require=require, max_stages=max_stages)
-    token_file = _string(where, raw, "token_file", required=False)
-    shared = _shared_cores(where, raw.get("shared_cores", []), known)
+    token_file = _string(top, raw, "token_file", required=False)
+    shared = _shared_cores(top, raw.get("shared_cores", []), known)
     return Testbed(name, source, tuple(devices), dbw * MBIT_S, dlat / 1000,
                    tuple(links[k] for k in sorted(links)), constraints, cloud, token_file, where, shared)
 
 
-def _shared_cores(where: str, raw, known) -> tuple[SharedCores, ...]:
+def _shared_cores(top: _Place, raw, known) -> tuple[SharedCores, ...]:
     if not isinstance(raw, list):
-        raise ConfigError(where, "shared_cores is not an array of tables", "write each group as [[shared_cores]]")
+        raise top.at(section="shared_cores").error("shared_cores is not an array of tables",
+                                                   "write each group as [[shared_cores]]")
     out: list[SharedCores] = []
     seen: dict[str, int] = {}
     for i, g in enumerate(raw):
-        w = f"{where}: shared_cores[{i}]"
+        at = top.at(f"{top.where}: shared_cores[{i}]", "shared_cores", i)
         if not isinstance(g, dict):
-            raise ConfigError(w, "is not a table", "write it as [[shared_cores]]")
-        _unknown(w, g, SHARED_CORES_KEYS, "a [[shared_cores]]")
+            raise at.error("is not a table", "write it as [[shared_cores]]")
+        _unknown(at, g, SHARED_CORES_KEYS, "a [[shared_cores]]")
         devs = g.get("devices")
         if not isinstance(devs, list) or not devs:
-            raise ConfigError(w, f"devices = {devs!r} is not a non-empty list",
-                              'write devices = ["device", ...]: the devices that run on this machine')
-        names = tuple(known(w, "devices", d) for d in devs)
+            raise at.error(f"devices = {devs!r} is not a non-empty list",
+                           'write devices = ["device", ...]: the devices that run on this machine', "devices")
+        names = tuple(known(at, "devices", d) for d in devs)
         for d in names:
             if d in seen:
-                raise ConfigError(w, f"device {d!r} is also in shared_cores[{seen[d]}]",
-                                  "a device runs on one machine: list it in one [[shared_cores]] only")
+                raise at.error(f"device {d!r} is also in shared_cores[{seen[d]}]",
+                               "a device runs on one machine: list it in one [[shared_cores]] only", "devices")
             seen[d] = i
         cores = g.get("cores", "auto")
         auto = cores == "auto"
         if auto:
             cores = machine_cores()
         else:
-            cores = _number(w, g, "cores")
+            cores = _number(at, g, "cores")
         out.append(SharedCores(names, cores, auto))
     return tuple(out)
 

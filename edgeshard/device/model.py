@@ -87,26 +87,10 @@ def _rope_theta(cfg: dict) -> float:
 
 
 def spec_for(model: str) -> catalog.ModelSpec:
-    """The catalog spec of a known model, or one derived from a local folder's config.json."""
+    """The catalog spec of a known model, or one derived from a local folder's config.json (catalog.spec, the
+    one lookup; this only words the unknown-model error as StageModel does)."""
     _check_model(model)
-    if model in MODEL_NAMES:
-        return catalog.get(model)
-    path = Path(model) / "config.json"
-    cfg = json.loads(path.read_text())
-    if cfg.get("model_type") != "llama":
-        raise ConfigError(str(path), f"model_type {cfg.get('model_type')!r} is not supported",
-                          "only Llama-family checkpoints (model_type 'llama') can be sharded")
-    heads = cfg["num_attention_heads"]
-    spec = catalog.ModelSpec(
-        name=model, hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
-        kv_heads=cfg.get("num_key_value_heads") or heads, intermediate=cfg["intermediate_size"],
-        vocab=cfg["vocab_size"], tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        rope_theta=_rope_theta(cfg), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        max_position=cfg.get("max_position_embeddings", 2048), source=str(path))
-    if cfg.get("head_dim") not in (None, spec.head_dim):
-        raise ConfigError(str(path), f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads",
-                          "the catalog's size model assumes head_dim = hidden / heads")
-    return spec
+    return catalog.spec(model)
 
 
 def _weights_dir(model: str) -> Path | None:

@@ -7,13 +7,14 @@
 - even: equal unit counts over all usable devices, source first, testbed order.
 - memory-proportional: unit counts proportional to device memory, source first (exo's ring memory split).
 - greedy-fill: fill devices in order, source first, each up to its memory (accelerate's device_map="auto").
-A baseline whose stages do not fit comes back with feasible=False and a note saying OOM, never an exception.
+A baseline whose stages do not fit comes back as a Plan with status "oom" (stages that break another rule, or no
+stages at all: "infeasible") and its reasons, never an exception; its note says the same in words.
 """
 
 from __future__ import annotations
 
 from edgeshard.config.errors import InfeasibleError
-from edgeshard.config.plan import Plan, Stage
+from edgeshard.config.plan import INFEASIBLE, OOM, Plan, Stage
 from edgeshard.planning import dp as planner
 from edgeshard.planning.costs import CostModel, Workload, objective_value
 
@@ -21,18 +22,21 @@ STRATEGIES = ("edgeshard", "edge-solo", "cloud-edge-even", "cloud-edge-opt", "ev
               "greedy-fill")
 
 
-def _infeasible(cm: CostModel, strategy: str, objective: str, workload: Workload, why: str) -> Plan:
+def _infeasible(cm: CostModel, strategy: str, objective: str, workload: Workload, why: str,
+                status: str = INFEASIBLE, reason: str | None = None) -> Plan:
+    """A strategy that could not form stages: no stages; `why` the note for people, status and reason (default:
+    the note) the same as data."""
     return Plan(objective, strategy, (), {}, cm.profile.model, cm.testbed.name,
-                {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens}, (why,), False)
+                {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens}, (why,), False,
+                status, (reason or why,))
 
 
 def _judge(cm: CostModel, stages: list[Stage], strategy: str, objective: str, workload: Workload) -> Plan:
-    bad = cm.violations(stages)
+    status, bad = planner.judge(cm, stages)
     if bad:
-        oom = any("GiB" in b for b in bad)
         return Plan(objective, strategy, tuple(stages), {}, cm.profile.model, cm.testbed.name,
                     {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens},
-                    (("OOM: " if oom else "invalid: ") + "; ".join(bad),), False)
+                    (("OOM: " if status == OOM else "invalid: ") + "; ".join(bad),), False, status, bad)
     return planner.make_plan(cm, stages, objective, strategy, workload)
 
 
@@ -66,7 +70,7 @@ def plan_with(strategy: str, testbed, profile, objective: str = "latency", workl
         try:
             return planner.solve(testbed, profile, objective, workload)
         except InfeasibleError as e:
-            return _infeasible(cm, strategy, objective, workload, f"infeasible: {e}")
+            return _infeasible(cm, strategy, objective, workload, f"infeasible: {e}", reason=str(e))
     if strategy == "edge-solo":
         return _judge(cm, [Stage(cm.source, 0, N)], strategy, objective, workload)
     if strategy in ("cloud-edge-even", "cloud-edge-opt"):
@@ -102,8 +106,8 @@ def plan_with(strategy: str, testbed, profile, objective: str = "latency", workl
             if pos == N:
                 break
         if pos < N:
-            return _infeasible(cm, strategy, objective, workload,
-                               f"OOM: devices filled in order hold units [0, {pos}) of {N}")
+            held = f"devices filled in order hold units [0, {pos}) of {N}"
+            return _infeasible(cm, strategy, objective, workload, f"OOM: {held}", OOM, held)
         return _judge(cm, stages, strategy, objective, workload)
     raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeshard.config.errors import InfeasibleError
-from edgeshard.config.plan import Plan, Stage
+from edgeshard.config.plan import FEASIBLE, INFEASIBLE, OOM, Plan, Stage
 from edgeshard.config.profile import Profile
 from edgeshard.config.testbed import Testbed
 from edgeshard.config.units import size_text
@@ -393,11 +393,21 @@ def _why_unused(testbed, profile, objective, workload, t: _Tables, plan: Plan) -
     return notes
 
 
+def judge(cm: CostModel, stages) -> tuple[str, tuple[str, ...]]:
+    """(status, reasons) of stages under the one evaluator: ("feasible", ()); ("oom", memory shortfalls) when
+    memory is the only rule broken; ("infeasible", every rule broken) otherwise. Plan.status / Plan.reasons
+    (config/plan.py) carry the result, so nothing downstream reads the words of the reasons."""
+    bad = tuple(cm.violations(stages))
+    if not bad:
+        return FEASIBLE, ()
+    return (INFEASIBLE if cm.violations(stages, check_memory=False) else OOM), bad
+
+
 def make_plan(cm: CostModel, stages, objective: str, strategy: str, workload: Workload,
               notes: tuple[str, ...] = ()) -> Plan:
-    """Judge stages with the one evaluator and wrap them as a Plan (infeasible stages -> feasible=False)."""
+    """Judge stages with the one evaluator and wrap them as a Plan (status and reasons from judge())."""
     stages = tuple(stages)
-    bad = cm.violations(stages)
+    status, bad = judge(cm, stages)
     predicted = {} if bad else cm.evaluate(stages, workload)
     used = {s.device for s in stages}
     notes = tuple(notes) + tuple(bad)
@@ -407,7 +417,7 @@ def make_plan(cm: CostModel, stages, objective: str, strategy: str, workload: Wo
                        for d in cm.devices if d not in used and strategy == "edgeshard")
     return Plan(objective, strategy, stages, predicted, cm.profile.model, cm.testbed.name,
                 {"prompt_tokens": workload.prompt_tokens, "new_tokens": workload.new_tokens,
-                 "sequences": workload.sequences}, notes, not bad)
+                 "sequences": workload.sequences}, notes, not bad, status, bad)
 
 
 def cost(plan: Plan) -> float:

@@ -72,11 +72,7 @@ def code_version() -> str:
 
 
 def _spec(model: str) -> catalog.ModelSpec:
-    if model in catalog.MODELS:
-        return catalog.get(model)
-    from edgeshard.device.model import spec_for
-
-    return spec_for(model)
+    return catalog.spec(model)  # the one lookup (catalog name or local Hugging Face folder); no torch needed
 
 
 def cache_key(tb: tbm.Testbed, model: str, state: dict | None, dtype: str, context_tokens: int, prefill_tokens: int,

@@ -35,7 +35,7 @@ from bokeh.palettes import Category10, Category20, Viridis256
 from bokeh.plotting import figure
 from bokeh.transform import log_cmap
 
-from edgeshard.config.plan import Plan, diff
+from edgeshard.config.plan import INFEASIBLE, OOM, STATUS_SHORT, Plan, diff
 from edgeshard.config.testbed import GIB, MBIT_S
 from edgeshard.planning.baselines import STRATEGIES as STRATEGY_ORDER  # fixed colours per strategy, in this order
 from edgeshard.planning.costs import CostModel, Workload, names_in_words, unmodelled_sharing
@@ -109,7 +109,7 @@ def stage_rows(plan: Plan, testbed=None, profile=None) -> list[dict]:
 def _plan_title(plan: Plan, label: str = "") -> str:
     head = f"{label}{plan.strategy} / {plan.objective}"
     if not plan.feasible:
-        why = plan.notes[0] if plan.notes else "infeasible"
+        why = f"{'OOM' if plan.status == OOM else 'infeasible'}: {'; '.join(plan.reasons) or 'no stages'}"
         return f"{head}: {why[:120]}"
     p = plan.predicted
     return (f"{head}: {_fmt_ms(p.get('latency_s'))}/token, "
@@ -316,7 +316,7 @@ def comparison_rows(plans: dict) -> list[dict]:
     for name, p in plans.items():
         pred = p.predicted if p.feasible else {}
         note = "; ".join(p.notes) if not p.feasible else ""
-        r = {"strategy": name, "feasible": p.feasible, "oom": (not p.feasible) and "OOM" in note,
+        r = {"strategy": name, "feasible": p.feasible, "status": p.status, "oom": p.status == OOM,
              "stages": len(p.stages), "devices": " > ".join(s.device for s in p.stages),
              "cuts": " ".join(f"[{s.start},{s.stop})" for s in p.stages), "note": note}
         for k in METRICS:
@@ -327,6 +327,12 @@ def comparison_rows(plans: dict) -> list[dict]:
         r["throughput_vs_edgeshard"] = tp / ref_tp if ref_tp and tp == tp else NAN
         rows.append(r)
     return rows
+
+
+def _status_short(row: dict) -> str:
+    """"OOM" or "n/a" for an infeasible row: its status (rows from comparison_rows), else its "oom" flag."""
+    status = row.get("status") or (OOM if row.get("oom") else INFEASIBLE)
+    return STATUS_SHORT[status]
 
 
 def comparison_figure(table, metrics=("latency_s", "throughput_tokens_per_s"), width: int = 420):
@@ -346,7 +352,7 @@ def comparison_figure(table, metrics=("latency_s", "throughput_tokens_per_s"), w
         top = max(finite, default=1.0) or 1.0
         src = ColumnDataSource({
             "strategy": names, "value": [v if v == v else 0.0 for v in values],
-            "shown": [f"{v:.4g}" if v == v else ("OOM" if r.get("oom") else "n/a") for v, r in zip(values, rows)],
+            "shown": [f"{v:.4g}" if v == v else _status_short(r) for v, r in zip(values, rows)],
             "feasible": [bool(r.get("feasible", True)) for r in rows], "color": [colors[n] for n in names],
             "text_color": ["black" if r.get("feasible", True) else "#c00" for r in rows],
             "note": [r.get("note", "") for r in rows],

@@ -100,7 +100,7 @@ def comparison_html(plans_or_rows) -> str:
     shown = []
     for r in rows:
         r = dict(r)
-        r["status"] = "ok" if r["feasible"] else ("OOM" if r.get("oom") else "n/a")
+        r["status"] = "ok" if r["feasible"] else plots._status_short(r)
         if not r["feasible"]:
             r["devices"], r["cuts"] = r.get("note", ""), ""
         r["latency_ms"] = r["latency_s"] * 1e3
