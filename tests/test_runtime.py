@@ -278,3 +278,19 @@ def _kill_after_tokens(r, pid):
             if n == 3:
                 os.kill(pid, 9)
                 return
+
+
+def test_reproduce_reruns_the_recorded_run(testbed, tmp_path, capsys):
+    """A pipeline run with max_in_flight = 2, reproduced from its folder alone: the same settings (max_in_flight
+    included) in the new folder's parameters.json, and the same token ids."""
+    from edgeshard.run import reproduce
+    from edgeshard.run.parameters import RunConfig
+
+    tb, state, d = testbed
+    rd = tmp_path / "run"
+    runtime.run(tb, make_plan([0, 2, 6], "tiny-llama"), "tiny-llama", PROMPTS, 4, mode="pipeline", state=state,
+                run_dir=rd, max_in_flight=2, seed=5)
+    assert reproduce.main(rd, state_dir=d / "state") == 0
+    assert "token ids identical" in capsys.readouterr().out
+    first, second = (RunConfig.load(p / "parameters.json") for p in (rd, tmp_path / "run-reproduced"))
+    assert second.max_in_flight == 2 and second.settings() == first.settings() and second.run_id != first.run_id
