@@ -13,11 +13,9 @@ import dataclasses
 import html
 import os
 import queue
-import re
 from pathlib import Path
 
 import ipywidgets as w
-import tomlkit
 from jupyter_bokeh import BokehModel
 
 from edgeshard.config import testbed as testbed_mod
@@ -27,7 +25,7 @@ from edgeshard.config.testbed import Testbed
 from edgeshard.planning import baselines
 from edgeshard.planning.costs import OBJECTIVES, Workload
 from edgeshard.planning.synthetic import KINDS
-from edgeshard.ui import plots
+from edgeshard.ui import plots, tomledit
 from edgeshard.ui.report import TABLE_STYLE, comparison_html
 
 
@@ -143,18 +141,18 @@ class TestbedEditor(_View):
             tb = testbed_or_path
             self.path = Path(tb.path) if tb.path and Path(tb.path).is_file() else None
             text = self.path.read_text() if self.path is not None else ""
-            if self.path is None or not _same(testbed_mod.loads(text, str(self.path)), tb):
+            if self.path is None or not tomledit.same(testbed_mod.loads(text, str(self.path)), tb):
                 text = testbed_mod.dumps(tb)  # changed since loaded: start from its plain TOML
         else:
             self.path = Path(testbed_or_path)
             text = self.path.read_text()
         self.original = testbed_mod.loads(text, str(self.path or "<editor>"))  # raises on a broken file, by design
-        self._doc = tomlkit.parse(text)
+        self._doc = tomledit.parse(text)  # saves rewrite only changed values in it (ui/tomledit.py)
         self._testbed: Testbed | None = self.original
         self._errors: list[str] = []
         self._quiet = False  # set while the editor itself changes widgets
         self.comments_kept = True  # False after a save that had to fall back to plain TOML
-        raw = self._doc.unwrap()
+        raw = tomledit.plain(self._doc)
         self._extra_top = {k: raw[k] for k in ("token_file", "description", "shared_cores") if k in raw}
 
         self.name = w.Text(raw.get("name", ""), description="testbed", layout=w.Layout(width="320px"))
@@ -377,40 +375,27 @@ class TestbedEditor(_View):
         return self._errors
 
     def _label_for(self, e: ConfigError, raw: dict) -> tuple[w.HTML, str]:
-        """Which error label sits next to the field the ConfigError is about, and words that locate it there."""
-        label = self._label_of(e, raw)
-        m = re.search(r"link\[(\d+)\]$", e.where)
-        if m:
-            lk = raw["link"][int(m.group(1))]
-            return label, f"link {lk['src']} -> {lk['dst']}: "
-        return label, ""
-
-    def _label_of(self, e: ConfigError, raw: dict) -> w.HTML:
-        where, problem = e.where, e.problem
-        m = re.search(r"device '([^']*)'$", where) or re.search(r"device\[(\d+)\]$", where)
-        if m:
-            key = m.group(1)
-            rows = list(enumerate(self.rows))
-            if "defined twice" in problem:
-                rows.reverse()  # from_dict stops at the second row of that name
-            for i, r in rows:
-                if r.name.value.strip() == key or (key.isdigit() and i == int(key)):
-                    return r.error
-        if re.search(r"link\[(\d+)\]$", where):
-            return self.links_error
-        if where.endswith("[defaults]"):
-            return self.defaults_error
-        if where.endswith("[constraints]"):
-            m = re.match(r"(\w+) =", problem) or re.search(r"key '(\w+)'", problem)
-            key = m.group(1) if m else ("exclude" if "exclude" in problem else "require" if "required" in problem else "")
-            return self.constraint_errors.get(key, self.constraints_error)
-        m = re.match(r"(\w+) =", problem) or re.search(r"key '(\w+)'", problem)
-        key = m.group(1) if m else ""
-        if key == "name":
-            return self.name_error
-        if key in ("source", "cloud") or "device" in problem:
-            return self.devices_error
-        return self.general_error
+        """Which error label sits next to the field the ConfigError is about, and words that locate it there,
+        from the error's section/index/key (config/errors.py). raw is what was validated: its device and link
+        lists are in the order of self.rows and of the link entries to_raw wrote, so an index finds its row."""
+        if e.section == "device":
+            ok = e.index is not None and 0 <= e.index < len(self.rows)
+            return (self.rows[e.index].error if ok else self.devices_error), ""
+        if e.section == "link":
+            links = raw.get("link", [])
+            if e.index is not None and 0 <= e.index < len(links):
+                lk = links[e.index]
+                return self.links_error, f"link {lk['src']} -> {lk['dst']}: "
+            return self.links_error, ""
+        if e.section == "defaults":
+            return self.defaults_error, ""
+        if e.section == "constraints":
+            return self.constraint_errors.get(e.key, self.constraints_error), ""
+        if e.section is None and e.key == "name":
+            return self.name_error, ""
+        if e.section is None and e.key in ("source", "cloud"):
+            return self.devices_error, ""  # the role dropdowns sit in the device rows
+        return self.general_error, ""
 
     @property
     def errors(self) -> list[str]:
@@ -428,15 +413,9 @@ class TestbedEditor(_View):
         """The edited testbed as TOML: the original document with only the changed values rewritten, so the
         user's comments survive; plain testbed.dumps when that round trip would not reproduce the testbed."""
         tb = self.testbed
-        doc = tomlkit.parse(tomlkit.dumps(self._doc))  # a copy: a failed save leaves the original intact
-        try:
-            _update_doc(doc, self.to_raw(), self.rows)
-            text = tomlkit.dumps(doc)
-            same = _same(testbed_mod.loads(text), tb)
-        except Exception:  # tomlkit corner cases: correctness first, comments second
-            same = False
-        self.comments_kept = same
-        return text if same else testbed_mod.dumps(tb)
+        text, self.comments_kept = tomledit.edited_toml(self._doc, self.to_raw(), [r.orig_index for r in self.rows],
+                                                        tb)
+        return text
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.path
@@ -445,7 +424,7 @@ class TestbedEditor(_View):
         text = self.toml()
         path.write_text(text)
         # the saved file is the new original: later saves diff against it
-        self._doc = tomlkit.parse(text)
+        self._doc = tomledit.parse(text)
         self.path = path
         self.original = testbed_mod.loads(text, str(path))
         for i, r in enumerate(self.rows):
@@ -474,153 +453,6 @@ def _describe(result) -> str:
     if isinstance(result, dict):
         return "\n".join(f"{k}: {v}" for k, v in result.items())
     return str(result)
-
-
-def _same(a: Testbed, b: Testbed) -> bool:
-    """Equal up to the path and the order of links (with_link appends, from_dict sorts)."""
-    def norm(t):
-        return dataclasses.replace(t, path=None, links=tuple(sorted(t.links, key=lambda lk: (lk.src, lk.dst))))
-    return norm(a) == norm(b)
-
-
-def _set(table, key: str, value) -> None:
-    """Set a key, keeping its comment; a new key goes after the table's last key (before trailing comments,
-    which usually describe the next table)."""
-    if key in table:
-        if table[key] != value or type(table[key].unwrap() if hasattr(table[key], "unwrap") else table[key]) != type(value):
-            table[key] = value
-        return
-    keys = list(table.keys())
-    container = getattr(table, "value", table)
-    try:
-        if keys and hasattr(container, "_insert_after"):
-            container._insert_after(keys[-1], key, value)  # private tomlkit API; fallback below
-            return
-    except Exception:
-        pass
-    table[key] = value
-
-
-def _sync(table, desired: dict, keys) -> None:
-    for key in keys:
-        if key in desired:
-            _set(table, key, desired[key])
-        elif key in table:
-            del table[key]
-
-
-def _new_table(values: dict, blank_line: bool = True):
-    t = tomlkit.table()
-    for k, v in values.items():
-        t[k] = v
-    if blank_line:
-        t.trivia.indent = "\n"  # a blank line before the header, like the rest of the file
-    return t
-
-
-def _append(aot, values: dict) -> None:
-    """Append a table to an array of tables with one blank line before it, not two."""
-    last = aot[-1].as_string() if len(aot) else ""
-    if last.endswith("\n\n"):  # the blank line after the last table stays; the new one brings its own
-        t = _new_table(values, blank_line=False)
-        t.add(tomlkit.nl())
-        aot.append(t)
-    else:
-        aot.append(_new_table(values))
-
-
-def _update_doc(doc, raw: dict, rows: list[_DeviceRow]) -> None:
-    """Rewrite in doc only what differs from raw (the editor's structure)."""
-    for key in ("name", "source", "cloud"):
-        if key in raw:
-            _set(doc, key, raw[key])
-        elif key in doc:
-            del doc[key]
-    for table, keys in (("defaults", testbed_mod.DEFAULT_KEYS), ("constraints", testbed_mod.CONSTRAINT_KEYS)):
-        desired = raw.get(table, {})
-        if table in doc:
-            _sync(doc[table], desired, sorted(keys))
-        elif desired:
-            doc[table] = _new_table(desired)
-    # devices: match rows to the tables they came from
-    aot = doc.get("device")
-    old_names = [t.get("name") for t in aot] if aot is not None else []
-    rename = {}
-    kept = {r.orig_index for r in rows if r.orig_index is not None}
-    for r, d in zip(rows, raw["device"]):
-        if r.orig_index is not None:
-            rename[old_names[r.orig_index]] = d["name"]
-            _sync(aot[r.orig_index], d, ["name", "host", "port", "memory_gib", "kind", "cpu_share"])
-    for i in sorted(set(range(len(old_names))) - kept, reverse=True):
-        del aot[i]
-    for r, d in zip(rows, raw["device"]):
-        if r.orig_index is None:
-            if aot is None:
-                doc["device"] = tomlkit.aot()
-                aot = doc["device"]
-            _append(aot, d)
-    _update_links(doc, raw.get("link", []), rename)
-
-
-def _update_links(doc, links: list[dict], rename: dict) -> None:
-    """links: the editor's directed entries. Keep the file's entries whose values still hold, update the ones
-    whose pairs changed together, split or drop the rest, and append entries for new pairs."""
-    want = {(lk["src"], lk["dst"]): (lk.get("bandwidth_mbit_s"), lk.get("latency_ms")) for lk in links}
-    aot = doc.get("link")
-    entries = list(aot) if aot is not None else []
-    owner = {}  # pair -> index of the last entry covering it (the one from_dict keeps)
-    covered = []
-    for i, e in enumerate(entries):
-        s, d = rename.get(e.get("src")), rename.get(e.get("dst"))
-        pairs = [] if s is None or d is None else ([(s, d)] if e.get("directed", False) else [(s, d), (d, s)])
-        covered.append(pairs)
-        for p in pairs:
-            owner[p] = i
-    drop, add = [], []
-    for i, e in enumerate(entries):
-        own = [p for p in covered[i] if owner.get(p) == i]
-        if not covered[i]:
-            drop.append(i)  # names a removed device
-            continue
-        if not own:
-            continue  # fully overridden by later entries: leave it as the user wrote it
-        values = {want.get(p) for p in own}
-        if len(values) == 1 and None not in values:  # every pair it decides still has one value: update it
-            (bw, lat), = values
-            s, d = covered[i][0]
-            desired = {"src": s, "dst": d, "bandwidth_mbit_s": bw, "latency_ms": lat}
-            _sync(e, {k: v for k, v in desired.items() if v is not None}, ["src", "dst", "bandwidth_mbit_s", "latency_ms"])
-            continue
-        cur = (e.get("bandwidth_mbit_s"), e.get("latency_ms"))
-        kept = next((p for p in own if want.get(p) == cur), None)
-        if kept is not None:  # one direction keeps the entry's values: keep the entry (and its comment) for it
-            _sync(e, {"src": kept[0], "dst": kept[1], "directed": True}, ["src", "dst", "directed"])
-            add += [p for p in own if p != kept and p in want]
-            continue
-        drop.append(i)
-        add += [p for p in own if p in want]
-    for i in sorted(drop, reverse=True):
-        del aot[i]
-    add += [p for p in want if p not in owner]
-    done = set()
-    for a, b in add:
-        if (a, b) in done:
-            continue
-        bw, lat = want[(a, b)]
-        entry = {"src": a, "dst": b}
-        if bw is not None:
-            entry["bandwidth_mbit_s"] = bw
-        if lat is not None:
-            entry["latency_ms"] = lat
-        if (b, a) in add and want[(b, a)] == (bw, lat) and (b, a) not in done:
-            done.add((b, a))
-        else:
-            entry["directed"] = True
-        done.add((a, b))
-        if aot is None:
-            doc["link"] = tomlkit.aot()
-            aot = doc["link"]
-        _append(aot, entry)
 
 
 # --- planner view -------------------------------------------------------------------------------------------
