@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _API = {
     "Lab": "lab", "LiveRun": "lab", "PlanDiff": "lab", "Comparison": "lab", "Report": "lab",
-    "load_testbed": "lab", "load_profile": "lab", "load_plan": "lab", "diff": "lab", "compare": "lab",
+    "load_testbed": "lab", "load_profile": "lab", "load_plan": "lab", "plan": "lab", "planner": "lab", "diff": "lab", "Reproduction": "lab", "compare": "lab",
     "editor": "lab", "setup_notebook": "lab", "glue": "ui.glue",
     "Testbed": "config.testbed", "Profile": "config.profile", "Plan": "config.plan", "Workload": "planning.costs",
     "ConfigError": "config.errors", "InfeasibleError": "config.errors", "PlanError": "config.errors",

@@ -59,6 +59,26 @@ def load_plan(path) -> planm.Plan:
     return planm.load(path)
 
 
+def plan(testbed, profile, objective: str = "latency", strategy: str = "edgeshard", prompt_tokens: int = 16,
+         new_tokens: int = 64, sequences: int | None = None) -> planm.Plan:
+    """The plan of `strategy` (default: the exact DP) for `objective`, without devices: a what-if on any testbed
+    (e.g. `tb.with_link("edge-0", "edge-1", bandwidth_mbit_s=1)`) against a measured or synthetic profile."""
+    from edgeshard.planning import baselines
+    from edgeshard.planning import dp as planner
+    tb = load_testbed(testbed)
+    wl = Workload(prompt_tokens, new_tokens, sequences or tb.constraints.sequences or 1)
+    if strategy == "edgeshard":
+        return planner.solve(tb, profile, objective, wl, explain=True)
+    return baselines.plan_with(strategy, tb, profile, objective, wl)
+
+
+def planner(testbed, profile, objective: str = "throughput", prompt_tokens: int = 16, new_tokens: int = 64):
+    """A widget: every strategy side by side, plan figures, a diff of any two, a what-if slider per link."""
+    from edgeshard.ui import widgets
+    return widgets.PlannerView(load_testbed(testbed), profile, objective=objective,
+                               workload=Workload(prompt_tokens, new_tokens))
+
+
 def diff(a: planm.Plan, b: planm.Plan, name_a: str = "A", name_b: str = "B") -> "PlanDiff":
     """What moved between two plans (unit ranges, devices, predicted costs); shows as the diff figure."""
     return PlanDiff(a, b, name_a, name_b)
@@ -167,7 +187,8 @@ class Lab:
     def up(self) -> "Lab":
         from edgeshard import testbeds
         if not self.is_up:
-            self.state = testbeds.up(self.testbed, local=self.local, state_dir=self.state_dir)
+            # tied: if the kernel is killed (no atexit), its device servers end with it
+            self.state = testbeds.up(self.testbed, local=self.local, state_dir=self.state_dir, tied=True)
         return self
 
     def down(self) -> list:
@@ -217,28 +238,20 @@ class Lab:
     def plan(self, objective: str = "latency", model: str | None = None, strategy: str = "edgeshard",
              prompt_tokens: int = 16, new_tokens: int = 64, sequences: int | None = None) -> planm.Plan:
         """The plan of `strategy` (default the exact DP) for `objective` on the last profiled model."""
-        from edgeshard.planning import baselines
-        from edgeshard.planning import dp as planner
-        pr = self._profile_for(model)
-        wl = Workload(prompt_tokens, new_tokens, sequences or self.testbed.constraints.sequences or 1)
-        if strategy == "edgeshard":
-            p = planner.solve(self.testbed, pr, objective, wl, explain=True)
-        else:
-            p = baselines.plan_with(strategy, self.testbed, pr, objective, wl)
+        p = plan(self.testbed, self._profile_for(model), objective, strategy, prompt_tokens, new_tokens, sequences)
         self.plans.append(p)
         return p
 
     def planner(self, objective: str = "throughput", model: str | None = None, prompt_tokens: int = 16,
                 new_tokens: int = 64):
         """Every strategy side by side, plan figures, diffs and a what-if link slider (a widget)."""
-        from edgeshard.ui import widgets
-        return widgets.PlannerView(self.testbed, self._profile_for(model), objective=objective,
-                                   workload=Workload(prompt_tokens, new_tokens))
+        return planner(self.testbed, self._profile_for(model), objective, prompt_tokens, new_tokens)
 
     def run(self, prompts, plan: planm.Plan | None = None, max_new_tokens: int = 64, mode: str | None = None,
-            runs_dir="runs", start: bool = True, **kw) -> "LiveRun":
+            runs_dir="runs", start: bool = True, down_after: bool = False, **kw) -> "LiveRun":
         """Generate in the background over the plan's devices; returns a LiveRun (live view with Stop).
-        mode: "pipeline" (all prompts in flight) for a throughput plan, else "sequential"."""
+        mode: "pipeline" (all prompts in flight) for a throughput plan, else "sequential". down_after: bring the
+        testbed down as soon as the run ends (stopped or done), e.g. in a notebook whose cell returns at once."""
         from edgeshard.run import runtime
         plan = plan or (self.plans[-1] if self.plans else self.plan())
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -250,7 +263,20 @@ class Lab:
             return runtime.Run(self.testbed, plan, plan.model, prompts, max_new_tokens, mode=mode, state=self.state,
                                profile=profile, runs_base=runs_dir, **kw).start()
 
-        return LiveRun(start_run, plan, start=start)
+        return LiveRun(start_run, plan, start=start, lab=self, down_after=down_after)
+
+    def reproduce(self, run_dir) -> "Reproduction":
+        """Re-run a run folder on this testbed (its testbed.toml, plan.json and parameters.json) and compare the
+        new run with the recorded one: greedy decoding must give identical token ids."""
+        import json
+        from edgeshard.run import reproduce
+        run_dir = Path(run_dir)
+        self.up()
+        rc = reproduce.main(run_dir, state_dir=self.state_dir)
+        second = run_dir.parent / (run_dir.name + "-reproduced")
+        lines, same = reproduce.compare_runs(json.loads((run_dir / "summary.json").read_text()),
+                                             json.loads((second / "summary.json").read_text()))
+        return Reproduction(run_dir, second, same and rc == 0, "\n".join(lines))
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -263,15 +289,54 @@ class Lab:
 
 
 class LiveRun:
-    """A run going on in the background. Shows itself as its live view (plots, streamed text, Stop);
-    wait() blocks until it ends and returns the result; report() renders its run folder."""
+    """A run going on in the background. Shows itself as its live view (plots, streamed text, Stop) and a status
+    line (points drawn, tokens, run state, testbed up/down); wait() blocks until it ends and returns the result;
+    report() renders its run folder."""
 
-    def __init__(self, start_fn, plan, start: bool = True):
+    def __init__(self, start_fn, plan, start: bool = True, lab: "Lab | None" = None, down_after: bool = False):
+        import ipywidgets
+
         from edgeshard.ui import widgets
         setup_notebook()
+        self.lab, self.down_after = lab, down_after
         self.view = widgets.RunView(start_fn, plan)
+        self.line = ipywidgets.HTML()  # classes es-points/es-tokens/es-status/es-testbed: what tests/test_browser.py reads
+        self.line.add_class("es-run-probe")
+        self._watch = None
         if start:
             self.view.start()
+        self._update()
+        try:
+            import asyncio
+            self._watch = asyncio.get_running_loop().create_task(self._follow())
+        except RuntimeError:  # no event loop (a script): wait() pumps and updates
+            pass
+
+    @property
+    def status(self) -> str:
+        """idle, starting, running, stopping, stopped, done or start failed (the first words of the view's status)."""
+        import re
+        m = re.match(r"[a-z ]*[a-z]", re.sub(r"<[^>]+>", "", self.view.status.value))
+        return m.group(0) if m else "?"
+
+    def _update(self) -> bool:
+        up = self.lab.is_up if self.lab is not None else False
+        if self.down_after and up and self.view.handle is not None and not self.view.running:
+            self.lab.down()
+            up = False
+        self.line.value = (f'live plot points: <span class="es-points">{len(self.view.live.tokens.data["n"])}</span>'
+                           f' · tokens: <span class="es-tokens">{self.view.live.count}</span>'
+                           f' · run: <span class="es-status">{self.status}</span>'
+                           f' · testbed: <span class="es-testbed">{"up" if up else "down"}</span>')
+        return up
+
+    async def _follow(self) -> None:
+        import asyncio
+        while True:  # on the kernel's event loop, like the view's own pump (never a worker thread)
+            up = self._update()
+            if not self.view.running and not (self.down_after and up):
+                return
+            await asyncio.sleep(0.25)
 
     @property
     def running(self) -> bool:
@@ -289,6 +354,7 @@ class LiveRun:
                 self.view.stop()
                 raise TimeoutError(f"the run did not end within {timeout} s (stopped)")
             time.sleep(0.05)
+        self._update()
         return self.result
 
     @property
@@ -316,8 +382,9 @@ class LiveRun:
         return Report(report.render(self.run_dir))
 
     def _ipython_display_(self) -> None:
+        import ipywidgets
         from IPython.display import display
-        display(self.view.widget)
+        display(ipywidgets.VBox([self.view.widget, self.line]))
 
 
 @dataclasses.dataclass
@@ -332,3 +399,19 @@ class Report:
             return f"<p>report: <code>{html.escape(str(self.path.resolve()))}</code> (open it in a browser)</p>"
         return (f'<p>report: <code>{html.escape(rel)}</code></p>'
                 f'<iframe src="{html.escape(rel)}" width="100%" height="650"></iframe>')
+
+
+@dataclasses.dataclass
+class Reproduction:
+    """A run folder re-run: `same` is True when the token ids are identical (and the re-run succeeded)."""
+    run_dir: Path
+    reproduced_dir: Path
+    same: bool
+    table: str
+
+    def __str__(self) -> str:
+        return f"{self.table}\ntoken ids identical: {self.same}"
+
+    def _repr_html_(self) -> str:
+        import html
+        return f"<pre>{html.escape(str(self))}</pre>"

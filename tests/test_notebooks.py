@@ -1,4 +1,6 @@
-"""Every notebook runs top to bottom headless (papermill, kernel python3) on the embedded local testbed.
+"""Every notebook runs top to bottom headless (papermill, kernel python3) on the embedded local testbed, and the
+checks of what it produced live here: the values it glued (`es.glue`, read back with edgeshard.ui.glue.read), the
+files and run folders it wrote. The notebooks themselves hold no asserts or helpers (notebooks/make_notebooks.py).
 
 Each notebook gets its own state dir (device servers, token) and every test checks that none of its device
 servers is left running. One EDGESHARD_HOME for the module: 02 measures the profile, 03-05 find it in the
@@ -12,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from edgeshard.ui import glue
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -87,10 +91,8 @@ def execute(work: Path, name: str, **parameters):
         left = device_processes(state)
         assert not left, f"{name}: device servers still running after the notebook: {left}"
     nb = nbformat.read(out, as_version=4)
-    text = "\n".join(o.get("text", "") if o.get("output_type") == "stream" else str(o.get("data", {}).get("text/plain", ""))
-                     for c in nb.cells for o in c.get("outputs", []))
     assert not list(state.glob("*.json")), f"{name}: testbed state left in {state}"
-    return nb, text
+    return nb, glue.read(nb)
 
 
 def widget_views(nb) -> int:
@@ -118,65 +120,97 @@ def test_notebooks_are_generated_and_stripped():
                 assert c.outputs == [] and c.execution_count is None, f"{name}: outputs not stripped"
 
 
+def test_notebooks_read_as_a_workflow():
+    """Short cells over the public API: no helper definitions, asserts, clicks from code or private imports."""
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for c in nb.cells:
+            if c.cell_type != "code":
+                continue
+            src = c.source
+            params = "parameters" in c.metadata.get("tags", [])  # a list of settings, one per line
+            assert params or len(src.splitlines()) <= 6, f"{path.name}: a {len(src.splitlines())}-line cell:\n{src}"
+            for bad in ("def ", "assert ", ".click()", "lambda", "from edgeshard", "import edgeshard."):
+                assert bad not in src, f"{path.name}: {bad!r} in a cell:\n{src}"
+
+
+def widget_views(nb) -> int:
+    return sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for c in nb.cells
+               for o in c.get("outputs", []))
+
+
 def test_00_paper(work):
-    nb, text = execute(work, "00_paper")
-    assert "latency (ms/token" in text and "throughput (tokens/s" in text
-    assert "llama2-70b" in text and "OOM" in text
-    assert "links = 'all'" in text and "links = 'source'" in text
-    assert widget_views(nb) >= 1  # the bokeh figures (inside one VBox)
+    nb, glued = execute(work, "00_paper")
+    gains = {(m, bw): (lat, thr) for m, bw, lat, thr in glued["gains"]}
+    assert gains[("llama2-70b", 1)] == (None, None)  # every baseline is OOM for 70B: only EdgeShard deploys it
+    lat, thr = gains[("llama2-7b", 1)]
+    assert lat is not None and lat >= 0 and thr >= 1.0  # never worse than the best baseline
+    assert widget_views(nb) >= 3  # the testbed and the two comparisons show themselves
     assert any("synthetic" in c.source.lower() and "docs/paper.md" in c.source for c in nb.cells
                if c.cell_type == "markdown")
 
 
 def test_01_testbed(work):
-    saved = work / "edited.toml"
-    nb, text = execute(work, "01_testbed", SAVE_TO=str(saved))
-    assert text.count(": healthy (pid") >= 6  # three devices, after up and after health
-    assert "NOT healthy" not in text
+    from edgeshard.config import testbed as tbm
+
+    nb, glued = execute(work, "01_testbed", SAVE_TO=str(work / "edited.toml"))
+    assert glued["health"] == {"edge-0": "healthy", "edge-1": "healthy", "edge-2": "healthy"}
+    saved = Path(glued["saved"])
     toml = saved.read_text()
-    assert "max_stages = 2" in toml and "# The embedded default" in toml  # edited, comments kept
-    assert "stopped pids" in text
-    assert widget_views(nb) >= 1
+    assert "# The embedded default" in toml  # the comments were kept
+    assert tbm.load(saved).link("edge-0", "edge-2").bandwidth_mbit_s == 100
+    assert widget_views(nb) >= 2  # the testbed, the editor
 
 
 def test_02_profile(work):
     from edgeshard.config import profile as profile_mod
 
-    nb, text = execute(work, "02_profile", OUT_DIR=str(work / "profile"))
-    pr = profile_mod.load(work / "profile" / "profile.json")
-    assert pr.model == "smollm2-135m" and pr.provenance["method"] == "measured"
-    assert sorted(pr.devices) == ["edge-0", "edge-1", "edge-2"] and len(pr.links) == 6
-    assert "32 units on 3 devices" in text
-    assert widget_views(nb) >= 2  # the tqdm progress bar and the ProfileView
+    nb, glued = execute(work, "02_profile", PROFILE_JSON=str(work / "profile.json"))
+    g = glued["profile"]
+    assert g == {"model": "smollm2-135m", "units": 32, "devices": ["edge-0", "edge-1", "edge-2"], "links": 6,
+                 "path": str(work / "profile.json")}
+    pr = profile_mod.load(work / "profile.json")
+    assert pr.provenance["method"] == "measured" and sorted(pr.devices) == g["devices"]
+    assert widget_views(nb) >= 2  # the profile's chart and the lab
 
 
 def test_03_plan(work):
-    pj = work / "profile" / "profile.json"
-    nb, text = execute(work, "03_plan", PROFILE_JSON=str(pj) if pj.exists() else "")
-    assert "edgeshard / latency" in text and "edgeshard / throughput" in text  # the latency vs throughput diff
-    assert "throughput_tokens_per_s" in text
-    assert "x0.01" in text and "what-if plan:" in text
-    assert widget_views(nb) >= 1
+    from edgeshard.config import plan as planm
+
+    pj = work / "profile.json"
+    nb, glued = execute(work, "03_plan", PROFILE_JSON=str(pj) if pj.exists() else "")
+    plans = {k: planm.from_dict(v) for k, v in glued["plans"].items() if k != "baselines"}
+    lat, thr = plans["latency"], plans["throughput"]
+    assert lat.feasible and thr.feasible and lat.objective == "latency" and thr.objective == "throughput"
+    assert lat.predicted["latency_s"] <= thr.predicted["latency_s"] + 1e-12  # each plan wins its own objective
+    assert thr.predicted["bottleneck_s"] <= lat.predicted["bottleneck_s"] + 1e-12
+    for name, raw in glued["plans"]["baselines"].items():
+        b = planm.from_dict(raw)
+        assert not b.feasible or b.predicted["latency_s"] >= lat.predicted["latency_s"] - 1e-12, name
+    assert plans["what_if"].predicted["bottleneck_s"] >= thr.predicted["bottleneck_s"] - 1e-12
+    assert widget_views(nb) >= 5  # plans, diffs and the planner view
 
 
 def test_04_run(work):
     runs = work / "runs-04"
-    nb, text = execute(work, "04_run", AUTO_START=True, WAIT=True, RUNS_DIR=str(runs))
-    assert "done - " in text
+    nb, glued = execute(work, "04_run", WAIT=True, RUNS_DIR=str(runs))
+    run = glued["run"]
+    assert run["status"] == "done" and len(run["texts"]) == 3 and all(run["texts"])
     (run_dir,) = list(runs.iterdir())
+    assert str(run_dir) == run["dir"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert not summary["stopped"]
     assert all(len(r["token_ids"]) > 0 for r in summary["results"]) and len(summary["results"]) == 3
+    assert json.loads((run_dir / "parameters.json").read_text())["mode"] == "pipeline"
     assert (run_dir / "events.jsonl").stat().st_size > 0
-    assert widget_views(nb) >= 1
+    assert widget_views(nb) >= 2  # the plan, the live view
 
 
 def test_05_report(work):
     runs = work / "runs-05"
-    nb, text = execute(work, "05_report", RUNS_DIR=str(runs))
-    first = [d for d in runs.iterdir() if not d.name.endswith("-reproduced")]
-    assert len(first) == 1
-    report = first[0] / "report.html"
+    nb, glued = execute(work, "05_report", RUNS_DIR=str(runs))
+    g = glued["report"]
+    report = Path(g["report"])
     assert report.stat().st_size > 100_000 and "Bokeh" in report.read_text()[:2_000_000]
-    assert (runs / (first[0].name + "-reproduced") / "summary.json").exists()
-    assert "token ids identical: True" in text
+    assert (runs / (Path(g["run_dir"]).name + "-reproduced") / "summary.json").exists()
+    assert g["same"] is True

@@ -35,14 +35,15 @@ def mode_available() -> tuple[bool, str]:
     return emulate.available()
 
 
-def up(testbed, local: bool | None = None, state_dir=None, timeout: float = 180.0) -> dict:
-    """Start one device server per device. local=None: emulated when available (root), else local."""
+def up(testbed, local: bool | None = None, state_dir=None, timeout: float = 180.0, tied: bool = False) -> dict:
+    """Start one device server per device. local=None: emulated when available (root), else local.
+    tied: local servers end when this process ends (testbeds/local.py up_local)."""
     tb = _load(testbed)
     sdir = Path(state_dir or launch.default_state_dir())
     if local is None:
         local = not mode_available()[0]
     if local:
-        return launch.up_local(tb, sdir, timeout=timeout)
+        return launch.up_local(tb, sdir, timeout=timeout, tied=tied)
     ok, why = mode_available()
     if not ok:
         raise TestbedError(f"cannot emulate testbed {tb.name!r}: {why}")

@@ -91,9 +91,18 @@ def links_of(tb: tbm.Testbed, by: str = "app") -> list[dict]:
     return out
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to this child when the thread that started it exits (prctl
+    PR_SET_PDEATHSIG), so a notebook kernel that is killed takes its device servers with it."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def up_local(testbed, state_dir: str | Path | None = None, timeout: float = 120.0,
-             python: str = sys.executable) -> dict:
-    """Start one device server per device on 127.0.0.1, wait until each answers an authenticated ping."""
+             python: str = sys.executable, tied: bool = False) -> dict:
+    """Start one device server per device on 127.0.0.1, wait until each answers an authenticated ping.
+    tied: the servers end when this process ends (for a notebook's Lab; `testbed up` leaves them running)."""
     tb = _as_testbed(testbed)
     sdir = Path(state_dir or default_state_dir())
     sdir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +143,8 @@ def up_local(testbed, state_dir: str | Path | None = None, timeout: float = 120.
                    "--token-file", token_file, "--name", d.name, "--memory-gib", repr(d.memory_gib)]
             with open(logf, "w") as lf:
                 p = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, cwd=root)
+                                     start_new_session=True, cwd=root,
+                                     preexec_fn=_die_with_parent if tied else None)
             _children[p.pid] = p
             procs[d.name] = p
             state["devices"][d.name] = {"address": LOCAL_HOST, "port": d.port, "data_port": None, "pid": p.pid,
