@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard.device import auth, service, wire
+from edgeshard.device import auth, outbox, prober, service, stage, wire
 from edgeshard.device.client import DeviceClient, DeviceError
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -154,24 +154,24 @@ def test_reader_reports_the_refusal(plain_server):
 def test_event_batches_go_out_in_bounded_frames():
     batch = [{"type": "token", "seq": i, "text": "x" * (i % 50)} for i in range(2000)]
     batch.insert(700, {"type": "huge", "text": "y" * 20_000})  # alone larger than a frame: left out
-    frames = list(service._event_frames(batch, 10_000))
+    frames = list(outbox.event_frames(batch, 10_000))
     assert len(frames) > 5
     assert all(len(p) <= 10_000 for _, p in frames)
     lines = [json.loads(x) for _, p in frames for x in p.split(b"\n")]
     assert [ev["seq"] for ev in lines] == list(range(2000))
     assert sum(n for n, _ in frames) == 2000
-    assert service.EVENTS_FRAME_BYTES <= wire.EVENTS_MAX_BYTES  # what the controller's connection accepts
+    assert outbox.EVENTS_FRAME_BYTES <= wire.EVENTS_MAX_BYTES  # what the controller's connection accepts
 
 
 def test_unconfigured_device_takes_no_large_activations():
     node = service.Node("127.0.0.1", SECRET, name="fresh")
     try:
         assert node.limits.max_bytes(wire.ACT) == wire.ACT_UNCONFIGURED_BYTES
-        assert node.limits.max_bytes(wire.BULK) == service.PROBE_FRAME_BYTES
+        assert node.limits.max_bytes(wire.BULK) == prober.PROBE_FRAME_BYTES
         msg = _refusal(node.data.port, _header(wire.ACT, wire.FLOAT32, (1, 1024, 64), 1024 * 64 * 4))
         assert (msg["kind"], msg["limit"]) == ("act", wire.ACT_UNCONFIGURED_BYTES)
-        msg = _refusal(node.data.port, _header(wire.BULK, wire.BYTES, (), service.PROBE_FRAME_BYTES + 1))
-        assert msg["limit"] == service.PROBE_FRAME_BYTES
+        msg = _refusal(node.data.port, _header(wire.BULK, wire.BYTES, (), prober.PROBE_FRAME_BYTES + 1))
+        assert msg["limit"] == prober.PROBE_FRAME_BYTES
     finally:
         node.data.close()
 
@@ -248,7 +248,7 @@ def _dial(dev, timeout=10.0) -> wire.Connection:
 
 def test_8_gib_activation_frame_is_refused_without_allocating(device):
     limit = device["configure"](context_tokens=64)["max_act_frame_bytes"]
-    assert limit == HIDDEN * 64 * 4 + service.ACT_HEADROOM_BYTES
+    assert limit == HIDDEN * 64 * 4 + stage.ACT_HEADROOM_BYTES
     for tokens in (1 << 25, 1 << 20):  # 8 GiB, and 256 MiB (which a device that allocates first could afford)
         nbytes = tokens * HIDDEN * 4
         before = _rss_bytes(device["pid"])
@@ -307,7 +307,7 @@ def test_limit_follows_the_configured_context(device):
 
     large = device["configure"](context_tokens=8192)
     assert large["context_tokens"] == 8192
-    assert large["max_act_frame_bytes"] == HIDDEN * 8192 * 4 + service.ACT_HEADROOM_BYTES > len(payload)
+    assert large["max_act_frame_bytes"] == HIDDEN * 8192 * 4 + stage.ACT_HEADROOM_BYTES > len(payload)
     assert device["client"].stats()["frame_limits"]["act"] == large["max_act_frame_bytes"]
     conn = _dial(device)
     send_stale(conn)
@@ -317,7 +317,7 @@ def test_limit_follows_the_configured_context(device):
     # without context_tokens the model's context (tiny-llama: 2048 positions) bounds the prefill
     default = device["configure"]()
     assert default["context_tokens"] == 2048
-    assert default["max_act_frame_bytes"] == HIDDEN * 2048 * 4 + service.ACT_HEADROOM_BYTES
+    assert default["max_act_frame_bytes"] == HIDDEN * 2048 * 4 + stage.ACT_HEADROOM_BYTES
 
 
 def test_a_refused_activation_fails_the_run_at_the_sender(device):
