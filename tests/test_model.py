@@ -187,7 +187,7 @@ def test_random_weights_are_per_unit_and_reproducible():
     assert {k: v for k, v in whole.items() if k.split(".")[0] in ("1", "2")} == a
     assert weight_digest(model.StageModel("tiny-llama", 1, 3, seed=1)) != a
     # ... and in another process with a different thread count
-    code = ("import json, hashlib\nfrom edgeshard import model\n"
+    code = ("import json, hashlib\nfrom edgeshard.device import model\n"
             "s = model.StageModel('tiny-llama', 1, 3)\n"
             "print(json.dumps({f'{u}.{n}': hashlib.sha256(model.tensor_to_bytes(p)).hexdigest() "
             "for u, m in s.units.items() for n, p in m.named_parameters()}))")
