@@ -163,3 +163,24 @@ def test_plan_json_is_byte_identical_and_round_trips(tmp_path):
     assert planm.load(p).dumps() == a
     with pytest.raises(ConfigError, match="missing required key 'stages'"):
         planm.from_dict({"objective": "latency", "strategy": "x"}, "plan.json")
+
+
+def test_plan_status_is_data_and_old_files_load():
+    from edgeshard.config import plan as planm
+    p = planm.Plan("latency", "even", (planm.Stage("a", 0, 2),), {}, notes=("OOM: ...",), status="oom",
+                   reasons=("stage a[0, 2) needs 2.00 GiB, a holds 1.00 GiB",))
+    back = planm.from_dict(json.loads(p.dumps()))
+    assert back == p and back.status == "oom" and not back.feasible and back.reasons == p.reasons
+    old = {k: v for k, v in p.to_dict().items() if k not in ("status", "reasons")}  # written before the fields
+    assert planm.from_dict(old).status == "infeasible" and planm.from_dict({"stages": []}).status == "feasible"
+    with pytest.raises(ConfigError, match="status") as e:
+        planm.from_dict({**p.to_dict(), "status": "feasible"})  # contradicts feasible = false
+    assert (e.value.key, e.value.file) == ("status", "<plan>")
+
+
+def test_config_error_fields_name_the_place():
+    text = 'name = "t"\nsource = "a"\n[[device]]\nname = "a"\nmemory_gib = 1\n[[device]]\nname = "b"\nport = "x"\n'
+    with pytest.raises(ConfigError) as e:
+        tbm.loads(text, "t.toml")
+    assert str(e.value) == "t.toml: device 'b': port = 'x' is not an integer (set port to an integer)"
+    assert (e.value.file, e.value.section, e.value.index, e.value.key) == ("t.toml", "device", 1, "port")

@@ -282,3 +282,18 @@ def test_hand_written_plan_for_another_model_is_refused(tmp_path, capsys):
     assert main(["plan", tbp, str(tmp_path / "p.json"), "--from", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "x.json: refused: the plan is for model 'llama2-13b'" in err and "'llama2-7b'" in err
+
+
+def test_baseline_status_is_data():
+    """OOM and infeasible are Plan.status values set by the planner and baselines, with the rules as reasons."""
+    from edgeshard.config import testbed as tbm_
+    from edgeshard.planning import baselines as bl
+    from edgeshard.planning.synthetic import synthetic_profile as sp
+    tb = tbm_.load(Path(__file__).resolve().parent.parent / "testbed_configs" / "paper-edge.toml")
+    pr = sp(tb, "llama2-70b")
+    solo = bl.plan_with("edge-solo", tb, pr)
+    assert solo.status == "oom" and not solo.feasible and solo.reasons and solo.stages
+    best = bl.plan_with("edgeshard", tb, pr)
+    assert best.status == "feasible" and best.reasons == ()
+    none = bl.plan_with("cloud-edge-even", tb.replace(cloud=None), pr)
+    assert none.status == "infeasible" and none.stages == () and "cloud" in none.reasons[0]
