@@ -12,6 +12,7 @@ Markers (registered in pyproject.toml), set per module below so each file's cost
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -65,7 +66,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(getattr(pytest.mark, mark))
 
 
-def pytest_unconfigure(config):
+@atexit.register  # registered before anything (IPython's history, say) registers its own: so it runs last
+def _remove_root() -> None:
     if not os.environ.get("EDGESHARD_KEEP_TEST_HOME"):
         shutil.rmtree(_ROOT, ignore_errors=True)
 

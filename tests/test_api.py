@@ -81,3 +81,13 @@ def test_a_killed_kernel_takes_its_device_servers_with_it(tmp_path):
     while any(_alive(x) for x in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(x) for x in pids), "device servers outlived their kernel"
+
+
+def test_token_id_prompts_run(tmp_path):
+    """Random-weight models have no tokenizer: a prompt may be a list of token ids (and is recorded as one)."""
+    with es.Lab("local", state_dir=tmp_path / "state") as lab:
+        lab.profile("tiny-llama", progress=False, repeats=1)
+        run = lab.run([[1, 2, 3]], plan=lab.plan("latency"), max_new_tokens=3, runs_dir=tmp_path / "runs")
+        result = run.wait(timeout=300)
+    assert len(result["results"][0]["token_ids"]) == 3
+    assert json.loads((run.run_dir / "parameters.json").read_text())["prompts"] == [[1, 2, 3]]

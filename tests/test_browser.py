@@ -188,7 +188,7 @@ def test_run_notebook_live_and_stop_in_jupyterlab(tmp_path):
                 page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputArea-editor").first.click(timeout=30000)
                 page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=30000)
                 page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-                page.wait_for_function(RUN_STARTED, timeout=60000)
+                page.wait_for_function(RUN_STARTED, timeout=180000)  # a cold kernel on a loaded machine is slow
 
                 def read(cls: str) -> str:
                     loc = page.locator(f".es-run-probe .{cls}")

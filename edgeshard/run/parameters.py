@@ -45,9 +45,13 @@ class RunConfig:
 
     def __post_init__(self):
         prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts or ())
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts = {self.prompts!r}: give at least one prompt (strings)")
-        object.__setattr__(self, "prompts", tuple(prompts))
+        # a prompt is text, or a list of token ids (random-weight models have no tokenizer: device/client.submit)
+        ok = [isinstance(p, str) or (isinstance(p, (list, tuple)) and p and
+                                     all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p))
+              for p in prompts]
+        if not prompts or not all(ok):
+            raise ValueError(f"prompts = {self.prompts!r}: give at least one prompt (text, or a list of token ids)")
+        object.__setattr__(self, "prompts", tuple(p if isinstance(p, str) else list(p) for p in prompts))
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
