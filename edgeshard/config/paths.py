@@ -28,6 +28,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGESHARD_CACHE_DIR") or _DEFAULT).expanduser()
 
 
+def read_json(path: str | Path, what: str, fix_syntax: str):
+    """The JSON in a file the user gave, or a ConfigError naming the file and what to do (unreadable, not text,
+    bad syntax: fix_syntax says how to get a good one)."""
+    import json
+
+    from edgeshard.config.errors import ConfigError
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read {what}: {e.strerror}", "check the path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "is not a text file", f"give a {what} JSON file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(str(path), f"not valid JSON: {e}", fix_syntax) from None
+
+
 def atomic_write_text(path: str | Path, text: str, mode: int = 0o644) -> Path:
     """Write text to path so that readers see the old file or the whole new one, never a part (a crash mid-write
     leaves the old file). The temporary file sits beside path (same filesystem, so the rename is atomic)."""

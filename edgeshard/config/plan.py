@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeshard.config import paths
 from edgeshard.config.errors import ConfigError, PlanError
 
 
@@ -165,16 +166,7 @@ def from_dict(raw: dict, where: str = "<plan>") -> Plan:
 
 
 def load(path: str | Path) -> Plan:
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot read plan: {e.strerror}", "check the path") from None
-    except UnicodeDecodeError:
-        raise ConfigError(str(path), "is not a text file", "give a plan.json") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(str(path), f"not valid JSON: {e}", "fix the syntax at the line shown, or write plans "
-                          "with `edgeshard plan -o`") from None
+    raw = paths.read_json(path, "plan", "fix the syntax at the line shown, or write plans with `edgeshard plan -o`")
     return from_dict(raw, str(path))
 
 

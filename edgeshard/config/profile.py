@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeshard.config import paths
 from edgeshard.config.errors import ConfigError
 from edgeshard.config.testbed import MBIT_S, Link
 
@@ -103,13 +104,7 @@ def _device_dict(c: DeviceCosts) -> dict:
 
 
 def load(path: str | Path) -> Profile:
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot read profile: {e.strerror}", "check the path") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(str(path), f"not valid JSON: {e}", "fix the file or re-run `edgeshard profile`") from None
+    raw = paths.read_json(path, "profile", "fix the file or re-run `edgeshard profile`")
     return from_dict(raw, str(path))
 
 
