@@ -1,5 +1,5 @@
-"""Preparing the SmolLM2 weights (edgeshard/weights.py): exact, bounded in memory, atomic, tidy, keyed by everything
-that changes the bytes, and never inside a device process.
+"""Preparing the SmolLM2 weights (edgeshard/device/weights.py): exact, bounded in memory, atomic, tidy, keyed by
+everything that changes the bytes, and never inside a device process.
 
 Every test points EDGESHARD_CACHE_DIR at its own empty folder (monkeypatch), so each one starts cold.
 """
@@ -107,7 +107,7 @@ def test_cache_key_covers_versions_and_dtype(cold, monkeypatch):
 
 def test_concurrent_prepares_build_once(cold):
     env = dict(os.environ, EDGESHARD_CACHE_DIR=str(cold))
-    code = "from edgeshard import weights; print(weights.prepare('tokenizer'))"
+    code = "from edgeshard.device import weights; print(weights.prepare('tokenizer'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = {p.communicate(timeout=300)[0].strip() for p in procs}
