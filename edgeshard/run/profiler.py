@@ -53,7 +53,8 @@ SCHEME = 3  # bump when what a measurement means changes (2: CPU units = CPU tim
 # shaped path's thread, as a run's delayed links do; its length only has to stay under in_flight x a step.
 STEP_PROBE_STEPS, STEP_PROBE_WARMUP, STEP_PROBE_IN_FLIGHT = 200, 20, 8
 STEP_PROBE_MAX_LATENCY_S = 0.001
-_CODE_FILES = ("device/model.py", "run/profiler.py", "device/service.py", "device/wire.py")
+_CODE_FILES = ("device/model.py", "run/profiler.py", "device/service.py", "device/stage.py", "device/prober.py",
+               "device/wire.py")
 
 
 def default_cache_dir() -> Path:
