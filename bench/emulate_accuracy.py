@@ -3,7 +3,7 @@
 Brings up a throwaway 3-device testbed and prints, per ordered pair, the configured bandwidth against the TCP
 goodput measured between the namespaces (median of --runs), and per device the configured CPU share against
 what a fixed CPU-bound loop got (CPU time / wall time), plus the slowdown of a 45 ms compute step (the size of
-a SmolLM2 token step on this CPU, NOTES) after an idle gap. Goodput sits ~4.4 % under the configured rate:
+a SmolLM2 token step on this CPU, docs/notes.md) after an idle gap. Goodput sits ~4.4 % under the configured rate:
 htb counts whole frames, 1448 payload bytes per 1514-byte frame.
 
     sudo .venv/bin/python bench/emulate_accuracy.py [--runs 3] [--seconds 1.0]

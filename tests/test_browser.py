@@ -184,7 +184,7 @@ def test_run_notebook_live_and_stop_in_jupyterlab(tmp_path):
                 shot(page, "0-opened.png")
                 # Run All through JupyterLab's own command, on the notebook made current by a click into its first
                 # cell: a blind menu click right after the kernel went idle ran nothing until the notebook had
-                # focus (shared/NOTES.md "Checked 2026-12-02"). Then wait until a cell has started.
+                # focus (docs/notes.md "Checked 2026-12-02"). Then wait until a cell has started.
                 page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputArea-editor").first.click(timeout=30000)
                 page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=30000)
                 page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")

@@ -109,7 +109,7 @@ def test_available_says_why_when_not_root(monkeypatch):
 @needs_emulation
 def test_available_here():
     assert emulate.available() == (True, "")
-    # this kernel has no netem (NOTES); the probe must say so rather than fail later
+    # this kernel has no netem (docs/notes.md); the probe must say so rather than fail later
     assert isinstance(emulate.netem_available(), bool)
 
 
@@ -153,7 +153,7 @@ def test_pair_bandwidth_within_10_percent(matrix_testbed, src, dst, mbit):
             break
     got = max(runs)
     print(f"{src}->{dst}: configured {mbit} Mbit/s, TCP goodput {got:.3f} Mbit/s ({got / mbit:.1%}); runs {runs}")
-    # goodput, not wire rate: headers make it ~4 % less (1448 payload bytes per 1514-byte frame, NOTES)
+    # goodput, not wire rate: headers make it ~4 % less (1448 payload bytes per 1514-byte frame, docs/notes.md)
     assert abs(got - mbit) <= 0.10 * mbit
 
 
@@ -274,7 +274,7 @@ def test_throttled_device_is_pinned_with_an_idle_ballast(testbeds, state_dir):
     assert leftovers(st["prefix"]) == {"netns": [], "links": [], "cgroups": []}
 
 
-# CPU-bound steps of STEP_CPU_S after idle gaps: what a device does in sequential mode (NOTES: ~45 ms token steps)
+# CPU-bound steps of STEP_CPU_S after idle gaps: what a device does in sequential mode (docs/notes.md: ~45 ms token steps)
 STEP = emulate.STEP_SCRIPT
 
 

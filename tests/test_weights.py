@@ -22,7 +22,7 @@ from edgeshard.testbeds import local as launch
 pytestmark = pytest.mark.weights
 
 # Peak anonymous memory of `edgeshard prepare`, converting from cold. The whole-model route this replaced peaked
-# at ~730 MB (it was OOM-killed in a 0.2 GiB + 512 MiB device cgroup, shared/NOTES.md); the streamed one measured
+# at ~730 MB (it was OOM-killed in a 0.2 GiB + 512 MiB device cgroup, docs/notes.md); the streamed one measured
 # ~470 MB here, 160 MB of which is importing torch and transformers. 600 MB separates the two with margin.
 PEAK_ANON_LIMIT_MB = 600
 

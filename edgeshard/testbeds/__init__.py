@@ -1,4 +1,4 @@
-"""Bring a testbed up or down, locally (launch.py) or kernel-emulated (emulate.py), behind one interface.
+"""Bring a testbed up or down, locally (testbeds/local.py) or kernel-emulated (testbeds/emulated.py), behind one interface.
 
 Both kinds write `<state_dir>/<testbed name>.json` (the state: device addresses, ports, pids, how each link is
 shaped); the runtime and the profiler read it to find the devices.
@@ -61,7 +61,7 @@ def up(testbed, local: bool | None = None, state_dir=None, timeout: float = 180.
     path = sdir / f"{tb.name}.json"
     raw = json.loads(path.read_text())
     raw.update(token_file=str(token), testbed=state["testbed"])
-    path.write_text(json.dumps(raw, indent=1))
+    launch.write_state(path, raw)
     deadline = time.monotonic() + timeout
     while True:  # servers import torch before they listen: wait for an authenticated answer from each
         launch._check_health(state, timeout=5.0)

@@ -55,12 +55,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable, Sequence
 
 from edgeshard.config.errors import EdgeshardError
 from edgeshard.config.testbed import MBIT_S, Testbed
+from edgeshard.testbeds import local
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` and pyroute2 bind-mount named namespaces
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -241,10 +242,7 @@ def _state_path(name: str, state_dir: Path) -> Path:
 
 
 def _write_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    local.write_state(path, state)
 
 
 def _read_state(name: str, state_dir: Path) -> dict | None:

@@ -40,10 +40,9 @@ def state_path(name: str, state_dir: str | Path | None = None) -> Path:
     return Path(state_dir or default_state_dir()) / f"{name}.json"
 
 
-def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def write_state(path: Path, state: dict) -> None:
+    """The testbed state file, written atomically (a crash leaves the old one): both kinds of testbed use this."""
+    paths.atomic_write_text(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 def load_state(name: str, state_dir: str | Path | None = None) -> dict | None:
@@ -130,7 +129,7 @@ def up_local(testbed, state_dir: str | Path | None = None, timeout: float = 120.
         Path(tb_path).write_text(tbm.dumps(tb))
     state = {"mode": "local", "testbed": tb_path, "token_file": token_file, "state_dir": str(sdir),
              "started_s": time.time(), "devices": {}, "links": links_of(tb, "app")}
-    _write_state(path, state)
+    write_state(path, state)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     root = str(paths.REPO)
@@ -150,7 +149,7 @@ def up_local(testbed, state_dir: str | Path | None = None, timeout: float = 120.
             state["devices"][d.name] = {"address": LOCAL_HOST, "port": d.port, "data_port": None, "pid": p.pid,
                                         "cpu_share": d.cpu_share, "memory_gib": d.memory_gib, "healthy": False,
                                         "log": str(logf)}
-            _write_state(path, state)
+            write_state(path, state)
         deadline = time.time() + timeout
         pending = set(procs)
         while pending:
@@ -160,7 +159,7 @@ def up_local(testbed, state_dir: str | Path | None = None, timeout: float = 120.
                 if m:
                     dev["port"], dev["data_port"] = int(m.group(3)), int(m.group(5))
                     pending.discard(name)
-                    _write_state(path, state)
+                    write_state(path, state)
                 elif p.poll() is not None:
                     raise RuntimeError(f"device {name!r} exited with code {p.returncode} while starting; "
                                        f"its log {dev['log']}:\n{_tail(dev['log'])}")
@@ -174,11 +173,11 @@ def up_local(testbed, state_dir: str | Path | None = None, timeout: float = 120.
         if bad:
             raise RuntimeError(f"devices {bad} started but do not answer an authenticated ping "
                                f"(logs in {sdir})")
-        _write_state(path, state)
+        write_state(path, state)
         return state
     except BaseException:
         _stop(state)
-        _write_state(path, state)
+        write_state(path, state)
         raise
 
 
@@ -223,7 +222,7 @@ def status(name: str, state_dir: str | Path | None = None) -> dict:
         raise RuntimeError(f"testbed {name!r} is not up (no {state_path(name, state_dir)}): "
                            f"`edgeshard testbed up TESTBED --local` starts it")
     _check_health(state)
-    _write_state(state_path(name, state_dir), state)
+    write_state(state_path(name, state_dir), state)
     return state
 
 

@@ -586,7 +586,7 @@ class LiveRunPlot:
 
     Sources: .tokens ("tokens": n, seq, step, t_s, latency_ms), .stages ("stages": device, compute_ms,
     transfer_ms, compute_s, transfer_s), .rate ("rate": t_s, tokens_per_s). .layout is the bokeh layout to show.
-    Call push() from one place only (the notebook's event loop), never from a worker thread (NOTES: ipykernel 7).
+    Call push() from one place only (the notebook's event loop), never from a worker thread (docs/notes.md: ipykernel 7).
     """
 
     def __init__(self, plan: Plan | None = None, rate_window: int = 8, rollover: int | None = 20000,

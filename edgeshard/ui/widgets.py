@@ -1,7 +1,7 @@
 """Notebook widgets (ipywidgets 8 + jupyter_bokeh). Wiring only: testbed/planner/baselines/plots do the work.
 
 Each view has `.widget` (the ipywidgets box) and displays itself in a notebook. Call setup_notebook() once
-first: bokeh figures render offline only with INLINE resources (../shared/NOTES.md).
+first: bokeh figures render offline only with INLINE resources (docs/notes.md).
 Thread rule (ipykernel 7): no widget is touched from a worker thread. RunView's worker only fills a queue;
 a callback on the kernel's event loop drains it.
 """
