@@ -238,11 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m edgeshard.device.weights [MODEL...]`: prepare models (default smollm2-135m); prints each folder."""
     import sys
 
+    done = set()
     for model in (argv if argv is not None else sys.argv[1:]) or list(PREPARED_MODELS):
         if model not in PREPARED_MODELS:
             raise SystemExit(f"edgeshard: error: {model!r} needs no preparation (only {', '.join(PREPARED_MODELS)})")
         for p in prepare_model(model):
-            print(p)
+            if p not in done:
+                print(p)
+                done.add(p)
     return 0
 
 
