@@ -233,7 +233,7 @@ NB03 = [
     md("## Against the paper's baselines"),
     code("""
     baselines = {s: es.plan(tb, profile, "latency", strategy=s) for s in ("edge-solo", "cloud-edge-even", "cloud-edge-opt")}
-    {s: p.predicted.get("latency_s") for s, p in baselines.items()}
+    {s: p.predicted.get("latency_s") or f"{p.status}: {'; '.join(p.reasons)}" for s, p in baselines.items()}
     """),
     md("""
     ## What if a link were slower?

@@ -1,15 +1,17 @@
-"""Screenshots of the notebooks as a reader sees them: execute 00-05 headless (papermill), open each executed copy
-in JupyterLab in headless Chromium (Python playwright, Debian's /usr/bin/chromium) and save a full-page PNG.
+"""Screenshots of the notebooks as a reader sees them: each notebook is opened in JupyterLab in headless Chromium
+(Python playwright, Debian's /usr/bin/chromium), run with Run All in the live kernel (so widgets and bokeh figures
+render, which a saved notebook cannot show without its widget state), and saved as one tall PNG.
 
-    .venv/bin/python notebooks/screenshots.py [OUT_DIR] [NOTEBOOK ...]   # default artifacts/notebooks, all
+    .venv/bin/python notebooks/screenshots.py [OUT_DIR] [NOTEBOOK ...]   # default docs/screenshots, all
 
-Beside make_notebooks.py: the notebooks as a person sees them, for review and for the issue notes. Needs chromium.
+Beside make_notebooks.py: the notebooks as a person sees them, for review and for docs. Needs chromium.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,31 +23,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Every code cell has an execution count and none is running ([*]): Run All has finished.
+ALL_DONE = """() => {
+  const p = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')].map(e => e.textContent);
+  return p.length > 0 && p.every(t => /\\[\\d+\\]/.test(t));
+}"""
+SETTINGS = {  # no news toast over the pictures; every cell in the DOM (no windowing), so one tall shot has them all
+    "apputils-extension/notification.jupyterlab-settings": '{"fetchNews": "false"}',
+    "notebook-extension/tracker.jupyterlab-settings": '{"windowingMode": "none"}',
+}
 
 
 def main(argv: list[str]) -> int:
-    import papermill
     from playwright.sync_api import sync_playwright
 
-    out = Path(argv[0]) if argv else ROOT / "artifacts" / "notebooks"
+    out = Path(argv[0]) if argv else ROOT / "docs" / "screenshots"
     names = argv[1:] or sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="edgeshard-shots-"))
-    env_params = {"04_run": {"WAIT": True}}
     for name in names:
-        t0 = time.monotonic()
-        papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(work / f"{name}.ipynb"),
-                                   parameters=env_params.get(name, {}), kernel_name="python3", cwd=str(work),
-                                   progress_bar=False)
-        print(f"executed {name} in {time.monotonic() - t0:.0f} s", flush=True)
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", work)
+    settings = work / ".settings"
+    for rel, text in SETTINGS.items():
+        f = settings / "@jupyterlab" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     token = secrets.token_hex(8)
     lab = subprocess.Popen([str(Path(sys.executable).parent / "jupyter"), "lab", "--ip", "127.0.0.1", "--port", str(port),
-                            "--no-browser", "--allow-root", f"--ServerApp.token={token}",
-                            f"--ServerApp.root_dir={work}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=dict(os.environ), start_new_session=True)
+                            "--no-browser", "--allow-root", f"--ServerApp.token={token}", f"--ServerApp.root_dir={work}",
+                            "--LabApp.expose_app_in_browser=True"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings)),
+                           start_new_session=True, cwd=work)
     try:
         for _ in range(240):
             try:
@@ -55,20 +66,27 @@ def main(argv: list[str]) -> int:
                 time.sleep(0.5)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
             for name in names:
+                page = browser.new_page(viewport={"width": 1300, "height": 1000})
                 page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}.ipynb?reset&token={token}", timeout=120000)
-                page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120000)
-                page.wait_for_timeout(4000)  # widgets and bokeh render
-                # the notebook scrolls inside its panel: grow the panel to the notebook's height, then shoot
-                height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-inner, "
-                                       ".jp-NotebookPanel .jp-Notebook').scrollHeight")
-                page.set_viewport_size({"width": 1300, "height": min(int(height) + 200, 12000)})
+                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120000)
+                page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputArea-editor").first.click(timeout=30000)
+                page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+                t0 = time.monotonic()
+                try:
+                    page.wait_for_function(ALL_DONE, timeout=300000)
+                except Exception as e:  # a cell failed or hangs: the picture shows where
+                    print(f"{name}: not finished after 300 s ({type(e).__name__}); shooting as it is", flush=True)
+                page.wait_for_timeout(5000)  # the last figures render
+                height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-Notebook').scrollHeight")
+                page.set_viewport_size({"width": 1300, "height": min(int(height) + 150, 16000)})
                 page.wait_for_timeout(3000)
                 path = out / f"{name}.png"
-                page.screenshot(path=str(path), full_page=True)
-                page.set_viewport_size({"width": 1300, "height": 1000})
-                print(f"wrote {path}", flush=True)
+                page.screenshot(path=str(path))
+                print(f"{name}: ran in {time.monotonic() - t0:.0f} s, wrote {path}", flush=True)
+                page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
+                page.wait_for_timeout(2000)
+                page.close()
             browser.close()
     finally:
         lab.terminate()
