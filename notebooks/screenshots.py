@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
                 except Exception as e:  # a cell failed or hangs: the picture shows where
                     print(f"{name}: not finished after 300 s ({type(e).__name__}); shooting as it is", flush=True)
                 page.wait_for_timeout(5000)  # the last figures render
-                height = page.evaluate("() => document.querySelector('.jp-NotebookPanel .jp-Notebook').scrollHeight")
+                height = page.evaluate("() => Math.max(...[...document.querySelectorAll('.jp-NotebookPanel .jp-WindowedPanel-outer, .jp-NotebookPanel .jp-Notebook')].map(e => e.scrollHeight))")
                 page.set_viewport_size({"width": 1300, "height": min(int(height) + 150, 16000)})
                 page.wait_for_timeout(3000)
                 path = out / f"{name}.png"
